@@ -1,0 +1,1 @@
+"""The harness: configuration and presets, sweeps, runner, executors, tracking, metrics, reports."""

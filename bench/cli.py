@@ -1,0 +1,68 @@
+"""Command-line entry point: ``run_benchmark.py <command> ...``.
+
+Each command lives in its own module under :mod:`bench.commands` and exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. With no command at all, the demo runs.
+User errors (:class:`bench.errors.UserError`) print one line to stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+from bench.errors import UserError
+
+# Order is the order shown in --help.
+COMMANDS = ("demo", "list", "synth", "splits", "run", "report", "regress")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as one line with exit code 2 (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _command_modules():
+    for name in COMMANDS:
+        module_name = f"bench.commands.{name}"
+        if importlib.util.find_spec(module_name) is not None:
+            yield name, importlib.import_module(module_name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="run_benchmark.py",
+        description="Fully unsupervised anomaly detection benchmark (RD, CDD and baselines). "
+        "With no command, runs the demo benchmark on synthetic data.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, module in _command_modules():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        argv = ["demo"]
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,129 @@
+"""The results store: one folder per run, holding an atomically written ``record.json``.
+
+Layout::
+
+    <results>/runs/<fingerprint>/record.json   the record (complete or absent, never partial)
+    <results>/runs/<fingerprint>/scores.npz    image scores, labels, injected flags, small maps
+    <results>/mlflow.db                        the default MLflow store (see bench.tracking)
+
+A record is a JSON object::
+
+    {
+      "schema_version": 1,
+      "fingerprint": "<sha256 hex of the canonical spec>",
+      "status": "ok" | "failed",
+      "error": null | {"type": str, "message": str, "traceback": str},
+      "sweep": "<preset name>",                   # where it came from; not part of the spec
+      "spec": {"method": "cdd", "config": {overrides}, "dataset": "mvtec",
+               "category": "bottle", "noise_ratio": 0.1, "split_seed": 0, "train_seed": 0,
+               "image_size": 224, "resize_size": 256, "teacher_weights": "imagenet"},
+      "resolved_config": {every config field of the method},
+      "metrics": {"no_overlap": {name: float}, "overlap": {name: float},
+                  "train": {name: float}},            # METRIC_NAMES; NaN stored as null
+      "split": {"n_train_normal", "n_injected", "n_test_no_overlap", "n_test_overlap",
+                "realized_ratio", "manifest_sha256"},
+      "timings": {"fit_s", "infer_images_per_s", "peak_mem_mb"},
+      "environment": {"commit", "python", "packages": {...}, "device", "device_name"},
+      "provenance": {method describe(): teacher weights id, backbone, ...},
+      "history": {"<scalar name>": [value per epoch]},
+      "diagnostics": {"<name>": [value per epoch]},   # e.g. CDD confidence AUROC vs injected
+      "finished_at": "<ISO time>"
+    }
+
+Only a record whose status is ``ok`` and whose ``metrics`` are present counts as done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RECORD_FILE = "record.json"
+SCORES_FILE = "scores.npz"
+RUNS_DIR = "runs"
+PROTOCOLS = ("no_overlap", "overlap")
+# Every metric a record holds per protocol, in report order.
+METRIC_NAMES = ("i_auroc", "p_auroc", "aupro", "pro_rd4ad", "i_ap", "p_ap", "i_f1max")
+
+
+def run_dir(results: str | os.PathLike, fingerprint: str) -> Path:
+    return Path(results) / RUNS_DIR / fingerprint
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Ctrl-C or a full disk: leave nothing half-written behind.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        return _json_safe(value.item())  # numpy / torch scalars
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    write_bytes_atomic(path, (text + "\n").encode("utf-8"))
+
+
+def load_record(path: str | os.PathLike) -> dict | None:
+    """A record, or None when the file is missing or unreadable (an interrupted run)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_complete(record: dict | None) -> bool:
+    return bool(
+        record
+        and record.get("schema_version") == SCHEMA_VERSION
+        and record.get("status") == "ok"
+        and isinstance(record.get("metrics"), dict)
+    )
+
+
+def iter_records(results: str | os.PathLike) -> Iterator[dict]:
+    """Every readable record under ``results`` (complete or failed), in a stable order."""
+    base = Path(results) / RUNS_DIR
+    if not base.is_dir():
+        return
+    for path in sorted(base.glob(f"*/{RECORD_FILE}")):
+        record = load_record(path)
+        if record is not None:
+            yield record
+
+
+def load_records(results: str | os.PathLike, include_failed: bool = False) -> list[dict]:
+    """Complete records under ``results`` (and failed ones too when asked)."""
+    return [r for r in iter_records(results) if is_complete(r) or (include_failed and r)]

@@ -1,0 +1,315 @@
+"""The Method contract and the method registry.
+
+A method owns its training loop, because some methods (CDD) need the whole training set every
+epoch. The runner hands it a :class:`TrainSet` (images only: a method never learns which training
+images are injected anomalies) and later calls :meth:`Method.predict` on test images. A method
+never computes metrics.
+
+Images cross the boundary as ``uint8`` tensors of shape (N, 3, H, W), already resized and cropped
+by the dataset pipeline; each method normalises them as its backbone expects. Predictions come
+back as numpy arrays: one score per image and one anomaly map per image at the input size.
+
+Adding a method = one module that defines a ``Method`` subclass decorated with
+``@register_method`` (and its config dataclass), plus its module name in
+:mod:`methods.registry_loader`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from bench.errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    """Training images as the method sees them: pixels and stable names, nothing else."""
+
+    images: torch.Tensor  # uint8, (N, 3, H, W)
+    names: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
+            raise ValueError(
+                f"TrainSet.images must be a uint8 tensor (N, 3, H, W), got "
+                f"{self.images.dtype} {tuple(self.images.shape)}"
+            )
+        if len(self.names) != self.images.shape[0]:
+            raise ValueError("TrainSet.names must have one entry per image")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :meth:`Method.predict` returns."""
+
+    scores: np.ndarray  # float32, (N,)  image-level anomaly scores (higher = more anomalous)
+    maps: np.ndarray  # float32, (N, H, W) anomaly maps at the input image size
+
+
+class EpochObserver(Protocol):
+    """Receives per-epoch logs from :meth:`Method.fit`.
+
+    ``scalars`` are step metrics (loss, r(e), lambda(e), K, ...). ``per_sample`` maps a name to an
+    array with one value per training image, in TrainSet order (e.g. CDD's confidence scores and
+    high-confidence membership). The runner, which holds the injected flags, turns those into
+    diagnostics; the method never sees the flags.
+    """
+
+    def __call__(
+        self,
+        epoch: int,
+        scalars: Mapping[str, float],
+        per_sample: Mapping[str, np.ndarray] | None = None,
+    ) -> None: ...
+
+
+class Method(abc.ABC):
+    """Base class of every anomaly detection method.
+
+    Subclasses set ``name`` and ``Config`` (a frozen dataclass whose defaults are the paper's
+    values) and implement ``fit``, ``predict``, ``state_dict`` and ``load_state_dict``.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(
+        self,
+        config: Any = None,
+        *,
+        teacher_weights: str = "imagenet",
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ):
+        self.config = config if config is not None else self.Config()
+        self.teacher_weights = teacher_weights
+        self.device = torch.device(device)
+        self.seed = int(seed)
+
+    @abc.abstractmethod
+    def fit(self, train: TrainSet, observer: EpochObserver | None = None) -> None:
+        """Train on ``train`` (the noisy training set, unlabeled)."""
+
+    @abc.abstractmethod
+    def predict(self, images: torch.Tensor, batch_size: int = 32) -> Prediction:
+        """Score uint8 images (N, 3, H, W); maps come back at (H, W)."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to predict again after :meth:`load_state_dict`."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance that travels with every result (teacher weights, backbone, ...)."""
+        return {
+            "method": self.name,
+            "teacher_weights": self.teacher_weights,
+            "config": dataclasses.asdict(self.config),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Registry of methods and of named presets (ablation rows, variants) over their configs.
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+@dataclass(frozen=True)
+class MethodPreset:
+    """A named configuration of a registered method, e.g. one row of an ablation table."""
+
+    name: str
+    method: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_PRESETS: dict[str, MethodPreset] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a Method available by its ``name``."""
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def register_preset(
+    name: str, method: str, overrides: Mapping[str, Any] | None = None, description: str = ""
+) -> MethodPreset:
+    """Register a named config of ``method`` (validated now, so a typo fails at import)."""
+    if name in _METHODS or (name in _PRESETS and _PRESETS[name].method != method):
+        raise ValueError(f"preset name {name!r} is already taken")
+    preset = MethodPreset(name, method, dict(overrides or {}), description)
+    make_config(method, preset.overrides)  # validate field names and types
+    _PRESETS[name] = preset
+    return preset
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def available_presets() -> list[MethodPreset]:
+    return [_PRESETS[k] for k in sorted(_PRESETS)]
+
+
+def get_method_class(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        known = ", ".join(available_methods() + [p.name for p in available_presets()])
+        raise UserError(
+            f"unknown method {name!r}; known methods and presets: {known} "
+            f"(run `run_benchmark.py list`)"
+        ) from None
+
+
+def get_preset(name: str) -> MethodPreset | None:
+    return _PRESETS.get(name)
+
+
+def resolve_method(name: str) -> tuple[str, dict[str, Any]]:
+    """Map a method or preset name to (registered method name, config overrides)."""
+    preset = _PRESETS.get(name)
+    if preset is not None:
+        return preset.method, dict(preset.overrides)
+    get_method_class(name)
+    return name, {}
+
+
+# --------------------------------------------------------------------------------------------
+# Typed configs: overrides (from presets, YAML or `--set key=value`) are checked against the
+# dataclass fields, so a typo or a wrong type stops with one line instead of a silent default.
+
+
+def config_fields(method: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(get_method_class(method).Config))
+
+
+def make_config(method: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """Build ``method``'s Config with ``overrides`` applied and type-checked."""
+    cls = get_method_class(method).Config
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise UserError(
+                f"{method} has no config field {key!r}; fields: {', '.join(sorted(names))}"
+            )
+        values[key] = coerce_value(value, hints[key], f"{method}.{key}")
+    return cls(**values)
+
+
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
+    """Convert ``value`` (possibly a string from the command line) to ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", object)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_value(value, arg, where)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(f"bad value {value!r} for {where}: expected {_type_name(annotation)}")
+    if origin is typing.Literal:
+        for arg in args:
+            try:
+                candidate = coerce_value(value, type(arg), where)
+            except UserError:
+                continue
+            if candidate == arg:
+                return arg
+        raise UserError(
+            f"bad value {value!r} for {where}: expected one of {', '.join(map(repr, args))}"
+        )
+    if origin in (tuple, list):
+        items = value
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            items = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(items, (list, tuple)):
+            raise UserError(f"bad value {value!r} for {where}: expected {_type_name(annotation)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(items) != len(args):
+                raise UserError(
+                    f"bad value {value!r} for {where}: expected {len(args)} values"
+                )
+            return tuple(coerce_value(v, a, where) for v, a in zip(items, args))
+        inner = args[0] if args else Any
+        converted = [coerce_value(v, inner, where) for v in items]
+        return tuple(converted) if origin is tuple else converted
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"bad value {value!r} for {where}: expected true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise UserError(f"bad value {value!r} for {where}: expected an integer")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"bad value {value!r} for {where}: expected an integer") from None
+        if not as_float.is_integer():
+            raise UserError(f"bad value {value!r} for {where}: expected an integer")
+        return int(as_float)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise UserError(f"bad value {value!r} for {where}: expected a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"bad value {value!r} for {where}: expected a number") from None
+    if annotation is str:
+        if not isinstance(value, str):
+            raise UserError(f"bad value {value!r} for {where}: expected a string")
+        return value
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def build_method(
+    name: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    teacher_weights: str = "imagenet",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Method:
+    """Instantiate a method (or preset) by name with config overrides applied on top."""
+    method, preset_overrides = resolve_method(name)
+    config = make_config(method, {**preset_overrides, **(overrides or {})})
+    cls = get_method_class(method)
+    return cls(config, teacher_weights=teacher_weights, device=device, seed=seed)
