@@ -30,6 +30,14 @@ A record is a JSON object::
       "finished_at": "<ISO time>"
     }
 
+``scores.npz`` arrays (all optional for readers; figures skip what is missing)::
+
+    test_keys (N,) str, test_scores (N,) float32, test_labels (N,) uint8,
+    in_no_overlap (N,) bool (False for the injected images, which only Overlap keeps),
+    test_maps (N, h, w) float16 and test_masks (N, h, w) uint8 at reduced size (e.g. 64x64),
+    test_images (N, h, w, 3) uint8 at the same reduced size,
+    train_keys (M,) str, train_scores (M,) float32, train_injected (M,) bool
+
 Only a record whose status is ``ok`` and whose ``metrics`` are present counts as done.
 """
 
