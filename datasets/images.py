@@ -1,0 +1,249 @@
+"""Image pipeline: decode, resize, center-crop; masks with the same geometry; a decode cache.
+
+Geometry (PROTOCOL §3): resize to ``resize × resize`` (bilinear, PIL's antialiased filter, as
+torchvision's ``Resize`` does on PIL images), then center crop ``crop × crop``. Masks are
+binarised first (any non-zero pixel is anomalous, which also covers VisA's multi-valued masks),
+then resized with nearest neighbour and cropped the same way, so they stay exactly {0, 1}.
+
+Decoding full-size PNGs every epoch is waste: :class:`ImageCache` keeps decoded, resized arrays in
+memory and, optionally, on disk as ``.npy`` files keyed by the SHA-256 of the file's bytes plus
+the geometry, so a cache survives moves and renames and is never stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from bench.errors import UserError
+from bench.records import write_bytes_atomic
+from datasets.errors import DataError
+from datasets.samples import Sample
+
+# Reference geometry of the paper: resize 256, crop 224.
+REFERENCE_RESIZE = 256
+REFERENCE_CROP = 224
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Square resize then square center crop, in pixels."""
+
+    resize: int = REFERENCE_RESIZE
+    crop: int = REFERENCE_CROP
+
+    def __post_init__(self):
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"image {name} must be a positive integer, got {value!r}")
+        if self.crop > self.resize:
+            raise UserError(
+                f"crop {self.crop} is larger than resize {self.resize}; use a crop <= resize"
+            )
+
+    @classmethod
+    def for_size(cls, crop: int) -> Preprocess:
+        """The paper's geometry scaled to a crop of ``crop`` pixels (resize = crop × 256/224)."""
+        return cls(resize=int(round(crop * REFERENCE_RESIZE / REFERENCE_CROP)), crop=int(crop))
+
+    @property
+    def offset(self) -> int:
+        # torchvision's CenterCrop rounds the margin the same way.
+        return int(round((self.resize - self.crop) / 2.0))
+
+    def _box(self) -> tuple[int, int, int, int]:
+        o = self.offset
+        return (o, o, o + self.crop, o + self.crop)
+
+    def image(self, img: Image.Image) -> np.ndarray:
+        """RGB uint8 array (3, crop, crop) from any PIL image (grayscale becomes RGB)."""
+        rgb = img.convert("RGB").resize((self.resize, self.resize), Image.BILINEAR)
+        return np.ascontiguousarray(
+            np.asarray(rgb.crop(self._box()), dtype=np.uint8).transpose(2, 0, 1)
+        )
+
+    def mask(self, img: Image.Image) -> np.ndarray:
+        """{0, 1} uint8 array (crop, crop): non-zero is anomalous, nearest-neighbour resize."""
+        arr = np.asarray(img)
+        if arr.ndim == 3:  # a colour-saved mask: any channel non-zero
+            arr = arr.max(axis=2)
+        binary = Image.fromarray(((arr > 0) * 255).astype(np.uint8), mode="L")
+        resized = binary.resize((self.resize, self.resize), Image.NEAREST).crop(self._box())
+        return (np.asarray(resized) > 127).astype(np.uint8)
+
+    def tag(self) -> str:
+        return f"r{self.resize}c{self.crop}"
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """A fully decoded PIL image, or a DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist; restore it or reload the dataset") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(
+            f"cannot read {what} {path} ({type(err).__name__}: {err}); replace or remove the file"
+        ) from None
+
+
+def _image_size(path: Path, what: str) -> tuple[int, int]:
+    """(width, height) from the header only."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist; restore it or reload the dataset") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(
+            f"cannot read {what} {path} ({type(err).__name__}: {err}); replace or remove the file"
+        ) from None
+
+
+def _check_mask_size(sample: Sample, image_size: tuple[int, int]) -> None:
+    mask_size = _image_size(sample.mask_path, "mask")
+    if mask_size != image_size:
+        raise DataError(
+            f"mask {sample.mask_path} is {mask_size[0]}x{mask_size[1]} but its image "
+            f"{sample.path} is {image_size[0]}x{image_size[1]}; masks must match their image"
+        )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ImageCache:
+    """Decoded, preprocessed images in memory and optionally on disk.
+
+    In memory the key is (path, size, mtime, geometry): no file read at all on a hit. On disk the
+    key is sha256(file bytes) + geometry, so the cache can be shared between runs and machines.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._memory: dict[tuple, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def clear(self) -> None:
+        self._memory.clear()
+
+    def get(self, path: Path, preprocess: Preprocess, kind: str = "image") -> np.ndarray:
+        """The preprocessed array for ``path`` (``kind`` is ``image`` or ``mask``)."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DataError(
+                f"{kind} {path} does not exist; restore it or reload the dataset"
+            ) from None
+        mem_key = (str(path), st.st_size, st.st_mtime_ns, preprocess.resize, preprocess.crop, kind)
+        arr = self._memory.get(mem_key)
+        if arr is not None:
+            self.hits += 1
+            return arr
+        self.misses += 1
+        disk = None
+        if self.cache_dir is not None:
+            disk = self.cache_dir / f"{file_sha256(path)}_{preprocess.tag()}_{kind}.npy"
+            arr = self._read_disk(disk)
+        if arr is None:
+            img = _open(path, kind)
+            arr = preprocess.image(img) if kind == "image" else preprocess.mask(img)
+            if disk is not None:
+                buf = io.BytesIO()
+                np.save(buf, arr, allow_pickle=False)
+                write_bytes_atomic(disk, buf.getvalue())
+        arr.setflags(write=False)  # shared between callers: never mutated in place
+        self._memory[mem_key] = arr
+        return arr
+
+    @staticmethod
+    def _read_disk(path: Path) -> np.ndarray | None:
+        try:
+            return np.load(path, allow_pickle=False)
+        except (FileNotFoundError, ValueError, OSError, EOFError):
+            return None  # absent or damaged: decode again and rewrite it
+
+
+def _map(fn, items: Sequence, workers: int) -> list:
+    # PIL releases the GIL while decoding, so threads speed up large PNG/JPEG batches.
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def load_images(
+    samples: Sequence[Sample],
+    preprocess: Preprocess,
+    cache: ImageCache | None = None,
+    workers: int = 1,
+) -> torch.Tensor:
+    """uint8 tensor (N, 3, crop, crop) of the samples' images, in order."""
+
+    def one(sample: Sample) -> np.ndarray:
+        if cache is not None:
+            return cache.get(sample.path, preprocess, "image")
+        return preprocess.image(_open(sample.path, "image"))
+
+    arrays = _map(one, list(samples), workers)
+    if not arrays:
+        return torch.empty((0, 3, preprocess.crop, preprocess.crop), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrays))
+
+
+def load_masks(
+    samples: Sequence[Sample],
+    preprocess: Preprocess,
+    cache: ImageCache | None = None,
+    workers: int = 1,
+) -> np.ndarray:
+    """uint8 {0,1} array (N, crop, crop): each anomalous sample's mask, zeros for normals.
+
+    Each mask is checked against its image's size (read from the header only).
+    """
+
+    def one(sample: Sample) -> np.ndarray:
+        if sample.label == 0:
+            return np.zeros((preprocess.crop, preprocess.crop), dtype=np.uint8)
+        if sample.mask_path is None:
+            raise DataError(
+                f"anomalous image {sample.path} has no mask; add it under ground_truth/<defect>/"
+            )
+        _check_mask_size(sample, _image_size(sample.path, "image"))
+        if cache is not None:
+            return cache.get(sample.mask_path, preprocess, "mask")
+        return preprocess.mask(_open(sample.mask_path, "mask"))
+
+    arrays = _map(one, list(samples), workers)
+    if not arrays:
+        return np.zeros((0, preprocess.crop, preprocess.crop), dtype=np.uint8)
+    return np.stack(arrays)
+
+
+def check_images(samples: Sequence[Sample]) -> None:
+    """Header-only check, before training, that every image (and mask) opens and sizes agree."""
+    for sample in samples:
+        image_size = _image_size(sample.path, "image")
+        if sample.label == 1 and sample.mask_path is not None:
+            _check_mask_size(sample, image_size)
