@@ -1,0 +1,344 @@
+"""Sweep presets: a YAML file in ``bench/presets/`` expanded into a list of :class:`RunSpec`.
+
+A preset file holds::
+
+    description: one line saying what the sweep reproduces
+    dataset: mvtec | visa | synthetic
+    data_root: optional default folder (``--data-root`` wins; else ./data/<dataset>)
+    categories: all | [bottle, cable, ...]
+    methods:                      # names of registered methods or method presets
+      - rd
+      - name: cdd
+        config: {epochs: 100}     # per-method overrides
+      - name: softpatch
+        optional: true            # skipped (with a note) when the method is not registered
+    noise_ratios: [0.1]
+    seeds: [0]                    # each seed s runs with split seed s and training seed s
+    split_seeds: [0]              # optional: then runs = split_seeds x seeds (training seeds)
+    image_size: 224               # center crop
+    resize_size: 256
+    teacher_weights: imagenet     # imagenet | random | path to a state_dict
+    config: {backbone: wide_resnet50_2, epochs: 200}   # defaults for every method with the field
+
+Config precedence, lowest first: the preset's ``config`` defaults (applied to each method that
+has the field), the method preset's registered overrides (an ablation row stays what it is),
+the method entry's ``config``, then ``--set`` from the command line. Every value is type-checked
+against the method's config dataclass (:func:`methods.base.make_config`), and the spec keeps the
+coerced values, so ``--set epochs=5`` and ``epochs: 5`` give the same fingerprint.
+
+Runs are ordered category, noise ratio, seed, method: runs that share data sit together.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.errors import UserError
+from bench.spec import RunSpec, canonical_value
+from methods.base import (
+    available_methods,
+    config_fields,
+    get_preset,
+    make_config,
+    resolve_method,
+)
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DATASETS = ("mvtec", "visa", "synthetic")
+_PRESET_KEYS = {
+    "description", "dataset", "data_root", "categories", "methods", "noise_ratios", "seeds",
+    "split_seeds", "image_size", "resize_size", "teacher_weights", "config",
+}
+_METHOD_KEYS = {"name", "config", "optional"}
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of a sweep: a registered method or preset name, plus its own overrides."""
+
+    name: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A parsed sweep preset (see the module docstring for the YAML keys)."""
+
+    name: str
+    path: Path
+    description: str
+    dataset: str
+    categories: tuple[str, ...] | str  # explicit names or "all"
+    methods: tuple[MethodEntry, ...]
+    noise_ratios: tuple[float, ...]
+    seeds: tuple[int, ...]
+    split_seeds: tuple[int, ...] | None
+    image_size: int
+    resize_size: int
+    teacher_weights: str
+    config: Mapping[str, Any]
+    data_root: str | None = None
+
+
+def list_presets() -> list[str]:
+    """Names of the bundled presets (file stems under ``bench/presets``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a bundled preset name, or ``name`` itself when it is a YAML path."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(
+            f"unknown preset {name!r}; presets: {', '.join(list_presets())} "
+            f"(or give the path of a .yaml file)"
+        )
+    return path
+
+
+def load_preset(name: str) -> Preset:
+    """Read and validate a preset by name (or YAML path)."""
+    path = preset_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read preset {path}: {err}; fix the YAML") from None
+    where = f"preset {path}"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping of keys (description, dataset, ...)")
+    unknown = sorted(set(raw) - _PRESET_KEYS)
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_PRESET_KEYS))}"
+        )
+    for key in ("description", "dataset", "categories", "methods", "noise_ratios", "seeds",
+                "image_size", "resize_size", "teacher_weights"):
+        if key not in raw:
+            raise UserError(f"{where}: missing key {key!r}; add it")
+    dataset = str(raw["dataset"])
+    if dataset not in DATASETS:
+        raise UserError(f"{where}: dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    categories = raw["categories"]
+    if categories != "all":
+        categories = tuple(str(c) for c in _as_list(categories, where, "categories"))
+    config = raw.get("config") or {}
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: 'config' must be a mapping of field: value")
+    return Preset(
+        name=path.stem,
+        path=path,
+        description=str(raw["description"]).strip(),
+        dataset=dataset,
+        categories=categories,
+        methods=tuple(_method_entry(m, where) for m in _as_list(raw["methods"], where, "methods")),
+        noise_ratios=tuple(_number(v, float, where, "noise_ratios")
+                           for v in _as_list(raw["noise_ratios"], where, "noise_ratios")),
+        seeds=tuple(_number(v, int, where, "seeds") for v in _as_list(raw["seeds"], where, "seeds")),
+        split_seeds=(tuple(_number(v, int, where, "split_seeds")
+                           for v in _as_list(raw["split_seeds"], where, "split_seeds"))
+                     if raw.get("split_seeds") is not None else None),
+        image_size=_number(raw["image_size"], int, where, "image_size"),
+        resize_size=_number(raw["resize_size"], int, where, "resize_size"),
+        teacher_weights=str(raw["teacher_weights"]),
+        config=dict(config),
+        data_root=str(raw["data_root"]) if raw.get("data_root") else None,
+    )
+
+
+def _as_list(value: Any, where: str, key: str) -> list:
+    if isinstance(value, (list, tuple)) and value:
+        return list(value)
+    raise UserError(f"{where}: {key!r} must be a non-empty list")
+
+
+def _number(value: Any, kind: type, where: str, key: str):
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected {kind.__name__}") from None
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected an integer")
+    return number
+
+
+def _method_entry(item: Any, where: str) -> MethodEntry:
+    if isinstance(item, str):
+        return MethodEntry(item)
+    if isinstance(item, dict) and "name" in item:
+        unknown = sorted(set(item) - _METHOD_KEYS)
+        if unknown:
+            raise UserError(f"{where}: method entry {item['name']!r} has unknown key(s) "
+                            f"{', '.join(unknown)}; allowed: name, config, optional")
+        config = item.get("config") or {}
+        if not isinstance(config, dict):
+            raise UserError(f"{where}: 'config' of method {item['name']!r} must be a mapping")
+        return MethodEntry(str(item["name"]), dict(config), bool(item.get("optional", False)))
+    raise UserError(f"{where}: each method is a name or a mapping with 'name'; got {item!r}")
+
+
+def parse_sets(pairs: Iterable[str]) -> dict[str | None, dict[str, str]]:
+    """``--set key=value`` (every method) / ``--set method.key=value`` -> {method|None: {k: v}}."""
+    out: dict[str | None, dict[str, str]] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"bad --set {pair!r}; write key=value or method.key=value")
+        method, dot, field_name = key.rpartition(".")
+        out.setdefault(method if dot else None, {})[field_name] = value.strip()
+    return out
+
+
+def default_data_root(dataset: str) -> Path:
+    return Path("data") / dataset
+
+
+def resolve_categories(dataset: str, root: Path, wanted: Sequence[str] | str) -> list[str]:
+    """Categories to run: ``wanted`` checked against the folders present, or all of them."""
+    from datasets import list_categories
+
+    found = list_categories(dataset, root)
+    if wanted == "all":
+        return list(found)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise UserError(
+            f"unknown category {missing[0]!r} for {dataset} at {root}; found: {', '.join(found)}"
+        )
+    return list(wanted)
+
+
+def expand(
+    preset: Preset,
+    *,
+    data_root: str | os.PathLike | None = None,
+    categories: Sequence[str] | None = None,
+    noise_ratios: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] | None = None,
+    teacher_weights: str | None = None,
+    sets: Iterable[str] = (),
+    check_data: bool = True,
+) -> list[RunSpec]:
+    """The runs of ``preset`` with command-line overrides applied.
+
+    ``check_data`` resolves ``categories: all`` and checks requested categories against the data
+    folder; without it, explicit category names are taken as they are (handy to count runs).
+    """
+    import methods  # noqa: F401  (registers the built-in methods)
+
+    root = Path(data_root or preset.data_root or default_data_root(preset.dataset))
+    root = root.expanduser().resolve()
+    wanted = list(categories) if categories else preset.categories
+    if check_data:
+        cats = resolve_categories(preset.dataset, root, wanted)
+    elif wanted == "all":
+        raise UserError(f"preset {preset.name!r} uses 'categories: all': give --categories")
+    else:
+        cats = list(wanted)
+
+    entries = _select_methods(preset, methods)
+    set_map = parse_sets(sets)
+    entry_names = {e.name for e in entries} | {resolve_method(e.name)[0] for e in entries}
+    for target in set_map:
+        if target is not None and target not in entry_names:
+            raise UserError(f"--set names method {target!r}, which is not in this sweep; "
+                            f"methods: {', '.join(e.name for e in entries)}")
+    configs = {e.name: _method_config(e, preset, set_map) for e in entries}
+    _check_defaults_used(preset, entries)
+
+    ratios = [float(r) for r in (noise_ratios if noise_ratios is not None else preset.noise_ratios)]
+    for ratio in ratios:
+        if not 0.0 <= ratio < 1.0:
+            raise UserError(f"noise ratio {ratio} is outside [0, 1); give e.g. 0.1")
+    train_seeds = [int(s) for s in (seeds if seeds is not None else preset.seeds)]
+    if preset.split_seeds is not None and seeds is None:
+        seed_pairs = list(itertools.product(preset.split_seeds, train_seeds))
+    else:
+        seed_pairs = [(s, s) for s in train_seeds]
+    weights = teacher_weights or preset.teacher_weights
+
+    specs = []
+    for category, ratio, (split_seed, train_seed), entry in itertools.product(
+        cats, ratios, seed_pairs, entries
+    ):
+        specs.append(RunSpec(
+            method=entry.name, config=configs[entry.name], dataset=preset.dataset,
+            data_root=str(root), category=category, noise_ratio=ratio, split_seed=split_seed,
+            train_seed=train_seed, image_size=preset.image_size, resize_size=preset.resize_size,
+            teacher_weights=weights,
+        ))
+    return _dedupe(specs)
+
+
+def _select_methods(preset: Preset, wanted: Sequence[str] | None) -> list[MethodEntry]:
+    """The preset's method entries (or ``--methods``), dropping optional unregistered ones."""
+    entries = list(preset.methods)
+    if wanted:
+        by_name = {e.name: e for e in entries}
+        entries = [by_name.get(name, MethodEntry(name)) for name in wanted]
+    selected = []
+    for entry in entries:
+        known = entry.name in available_methods() or get_preset(entry.name) is not None
+        if not known and entry.optional and not wanted:
+            continue
+        resolve_method(entry.name)  # unknown name -> one-line UserError
+        selected.append(entry)
+    if not selected:
+        raise UserError(f"preset {preset.name!r}: no registered method to run")
+    return selected
+
+
+def _method_config(entry: MethodEntry, preset: Preset, set_map) -> dict[str, Any]:
+    """Merged, type-checked overrides of one method entry (see precedence in the docstring)."""
+    base, preset_overrides = resolve_method(entry.name)
+    fields = {f.name for f in config_fields(base)}
+    merged = {k: v for k, v in preset.config.items() if k in fields}
+    merged.update(preset_overrides)
+    for key in entry.config:
+        if key not in fields:
+            raise UserError(f"preset {preset.path}: method {entry.name!r} has no config field "
+                            f"{key!r}; fields: {', '.join(sorted(fields))}")
+    merged.update(entry.config)
+    for target in (None, base, entry.name):
+        for key, value in set_map.get(target, {}).items():
+            if key not in fields:
+                hint = "" if target else f" (use --set METHOD.{key}=VALUE for one method)"
+                raise UserError(f"--set {key}: method {entry.name!r} ({base}) has no config field "
+                                f"{key!r}; fields: {', '.join(sorted(fields))}{hint}")
+            merged[key] = value
+    config = make_config(base, merged)
+    return {key: canonical_value(getattr(config, key)) for key in sorted(merged)}
+
+
+def _check_defaults_used(preset: Preset, entries: list[MethodEntry]) -> None:
+    """A sweep-wide default that no method in the sweep has is a typo: say so."""
+    fields = set()
+    for entry in entries:
+        base, _ = resolve_method(entry.name)
+        fields |= {f.name for f in config_fields(base)}
+    unused = sorted(set(preset.config) - fields)
+    if unused:
+        raise UserError(f"preset {preset.path}: config key(s) {', '.join(unused)} match no field "
+                        f"of the sweep's methods; fix the spelling or drop them")
+
+
+def _dedupe(specs: list[RunSpec]) -> list[RunSpec]:
+    """Drop repeated runs (e.g. a method listed twice) keeping the first, in order."""
+    seen, out = set(), []
+    for spec in specs:
+        if spec.fingerprint not in seen:
+            seen.add(spec.fingerprint)
+            out.append(spec)
+    return out
