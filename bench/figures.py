@@ -51,7 +51,7 @@ def save_figure(fig, stem: Path) -> None:
         # Fixed metadata keeps PDFs byte-stable across runs.
         metadata = {"CreationDate": None} if ext == "pdf" else None
         fig.savefig(buf, format=ext, dpi=110, bbox_inches="tight", metadata=metadata)
-        write_bytes_atomic(stem.with_suffix(f".{ext}"), buf.getvalue())
+        write_bytes_atomic(stem.parent / f"{stem.name}.{ext}", buf.getvalue())
     _plt().close(fig)
 
 
