@@ -428,8 +428,12 @@ def grid_csv(grid: Grid, setting: Setting) -> str:
 def grid_document(grid: Grid) -> str:
     """The Markdown file of one table: ours, then the paper's values and the deltas."""
     parts = [f"## {grid.title}\n", f"{grid.caption}\n", grid_markdown(grid)]
-    if grid.notes:
-        parts.append("\n".join(f"- {n}" for n in grid.notes) + "\n")
+    notes = list(grid.notes)
+    if any(c.partial and any(s is not None for s in c.stats) for c in grid.cells.values()):
+        notes.append("\\* average over fewer categories than the table has (missing runs); "
+                     "not ranked.")
+    if notes:
+        parts.append("\n".join(f"- {n}" for n in notes) + "\n")
     if any(any(v is not None for v in vals) for vals in grid.paper.values()):
         parts += ["### Paper\n", values_markdown(grid, grid.paper, signed=False),
                   "### Δ (ours − paper)\n", values_markdown(grid, grid_deltas(grid), signed=True)]
@@ -545,8 +549,6 @@ def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
             for m in metric_list)
         return vals if any(v is not None for v in vals) else None
 
-    partial_note = ("\\* average over fewer categories than the table has (missing runs); "
-                    "not ranked.")
     for protocol in PROTOCOLS:
         cells, paper_cells = {}, {}
         cols = [_display(lb) for lb in labels]
@@ -570,7 +572,7 @@ def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
                      f"{seed_text}").strip(),
             row_header="Category", rows=[*categories, AVERAGE], groups=[("", cols)],
             metrics=metrics, cells=cells, paper=paper_cells, kind="main",
-            notes=[n for n in (coverage, partial_note) if n])
+            notes=[coverage] if coverage else [])
         grids.append(grid)
 
     # Table 3-like summary: (protocol, metric) x methods, averages only.
@@ -594,7 +596,7 @@ def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
                  f"underlined. {pro_text} {seed_text}").strip(),
         row_header="Setting / metric", rows=rows, groups=[("", cols)], metrics=("value",),
         cells=cells, paper=paper_cells, kind="summary",
-        notes=[n for n in (coverage, partial_note) if n]))
+        notes=[coverage] if coverage else []))
 
     # Tables A3-A8-like: one metric, both protocols side by side.
     for metric in metrics:
@@ -622,7 +624,7 @@ def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
                      f"{pro_text if metric == pro else ''} {seed_text}").strip(),
             row_header="Category", rows=[*categories, AVERAGE], groups=groups,
             metrics=("value",), cells=cells, paper=paper_cells, kind="per_metric",
-            notes=[n for n in (coverage, partial_note) if n]))
+            notes=[coverage] if coverage else []))
     return grids
 
 
@@ -697,8 +699,7 @@ def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
                     if value is not None:
                         paper_cells[(row, "", col)] = (value,)
         notes = ["Rows are presets; the paper row a preset matches comes from its name "
-                 "(see docs/report.md). Averages over categories, No overlap protocol.",
-                 "\\* average over fewer categories than the table has; not ranked."]
+                 "(see docs/report.md). Averages over categories, No overlap protocol."]
         coverage = _coverage_note(setting, categories)
         if coverage:
             notes.insert(0, coverage)
