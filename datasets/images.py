@@ -19,15 +19,18 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from bench.errors import UserError
 from bench.records import write_bytes_atomic
 from datasets.errors import DataError
 from datasets.samples import Sample
+
+if TYPE_CHECKING:  # torch is imported when images are loaded, not when data is listed
+    import torch
 
 # Reference geometry of the paper: resize 256, crop 224.
 REFERENCE_RESIZE = 256
@@ -200,6 +203,7 @@ def load_images(
     workers: int = 1,
 ) -> torch.Tensor:
     """uint8 tensor (N, 3, crop, crop) of the samples' images, in order."""
+    import torch
 
     def one(sample: Sample) -> np.ndarray:
         if cache is not None:

@@ -22,6 +22,14 @@ from datasets.samples import CategoryData, Sample
 # Extensions compared lower-case; VisA ships ``.JPG``.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = ("_mask", "")
+# Published counts (train normal, test good, test anomalous) of MVTec AD, PROTOCOL §1.
+MVTEC_COUNTS: dict[str, tuple[int, int, int]] = {
+    "bottle": (209, 20, 63), "cable": (224, 58, 92), "capsule": (219, 23, 109),
+    "carpet": (280, 28, 89), "grid": (264, 21, 57), "hazelnut": (391, 40, 70),
+    "leather": (245, 32, 92), "metal_nut": (220, 22, 93), "pill": (267, 26, 141),
+    "screw": (320, 41, 119), "tile": (230, 33, 84), "toothbrush": (60, 12, 30),
+    "transistor": (213, 60, 40), "wood": (247, 19, 60), "zipper": (240, 32, 119),
+}  # fmt: skip
 
 
 def is_image_file(path: Path) -> bool:
