@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from decimal import Decimal
@@ -123,8 +124,9 @@ def make_split(data: CategoryData, noise_ratio: float, seed: int, cap: bool = Fa
     """
     where = f"{data.dataset}/{data.category}"
     ratio = _check_ratio(noise_ratio, where)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise DataError(f"{where}: split seed {seed!r} must be an integer")
+    seed = int(seed)  # numpy integers too; the hash input must not depend on the type
     normals = sorted(data.train, key=lambda s: s.key)
     if any(s.label != 0 for s in normals):
         raise DataError(f"{where}: the training set holds anomalous images; it must be normal only")
