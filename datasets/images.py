@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,8 +50,9 @@ class Preprocess:
     def __post_init__(self):
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise UserError(f"image {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers become plain ints
         if self.crop > self.resize:
             raise UserError(
                 f"crop {self.crop} is larger than resize {self.resize}; use a crop <= resize"
@@ -135,21 +139,32 @@ def file_sha256(path: str | os.PathLike) -> str:
 class ImageCache:
     """Decoded, preprocessed images in memory and optionally on disk.
 
-    In memory the key is (path, size, mtime, geometry): no file read at all on a hit. On disk the
-    key is sha256(file bytes) + geometry, so the cache can be shared between runs and machines.
+    In memory the key is (path, size, mtime, geometry): no file read at all on a hit; the least
+    recently used arrays are dropped beyond ``max_memory_mb``. On disk the key is
+    sha256(file bytes) + geometry, so the cache can be shared between runs and machines.
+    Safe to use from the decoding threads of :func:`load_images`.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None):
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._memory: dict[tuple, np.ndarray] = {}
+    def __init__(self, cache_dir: str | os.PathLike | None = None, max_memory_mb: float = 4096):
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.max_bytes = int(max_memory_mb * 2**20)
+        self._memory: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self._memory)
 
+    @property
+    def memory_bytes(self) -> int:
+        return self._bytes
+
     def clear(self) -> None:
-        self._memory.clear()
+        with self._lock:
+            self._memory.clear()
+            self._bytes = 0
 
     def get(self, path: Path, preprocess: Preprocess, kind: str = "image") -> np.ndarray:
         """The preprocessed array for ``path`` (``kind`` is ``image`` or ``mask``)."""
@@ -160,15 +175,18 @@ class ImageCache:
                 f"{kind} {path} does not exist; restore it or reload the dataset"
             ) from None
         mem_key = (str(path), st.st_size, st.st_mtime_ns, preprocess.resize, preprocess.crop, kind)
-        arr = self._memory.get(mem_key)
-        if arr is not None:
-            self.hits += 1
-            return arr
-        self.misses += 1
+        with self._lock:
+            arr = self._memory.get(mem_key)
+            if arr is not None:
+                self._memory.move_to_end(mem_key)
+                self.hits += 1
+                return arr
+            self.misses += 1
+        shape = (3, preprocess.crop, preprocess.crop) if kind == "image" else (preprocess.crop,) * 2
         disk = None
         if self.cache_dir is not None:
             disk = self.cache_dir / f"{file_sha256(path)}_{preprocess.tag()}_{kind}.npy"
-            arr = self._read_disk(disk)
+            arr = self._read_disk(disk, shape)
         if arr is None:
             img = _open(path, kind)
             arr = preprocess.image(img) if kind == "image" else preprocess.mask(img)
@@ -177,15 +195,26 @@ class ImageCache:
                 np.save(buf, arr, allow_pickle=False)
                 write_bytes_atomic(disk, buf.getvalue())
         arr.setflags(write=False)  # shared between callers: never mutated in place
-        self._memory[mem_key] = arr
+        self._remember(mem_key, arr)
         return arr
 
+    def _remember(self, key: tuple, arr: np.ndarray) -> None:
+        with self._lock:
+            if key in self._memory:
+                return
+            self._memory[key] = arr
+            self._bytes += arr.nbytes
+            while self._bytes > self.max_bytes and len(self._memory) > 1:
+                _, old = self._memory.popitem(last=False)
+                self._bytes -= old.nbytes
+
     @staticmethod
-    def _read_disk(path: Path) -> np.ndarray | None:
+    def _read_disk(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         try:
-            return np.load(path, allow_pickle=False)
+            arr = np.load(path, allow_pickle=False)
         except (FileNotFoundError, ValueError, OSError, EOFError):
             return None  # absent or damaged: decode again and rewrite it
+        return arr if arr.shape == shape and arr.dtype == np.uint8 else None
 
 
 def _map(fn, items: Sequence, workers: int) -> list:

@@ -367,7 +367,7 @@ def _defect_region(
             cut = proj > rng.uniform(0.5, 0.68) * base.scale
         else:  # the screw loses its tip
             u, _ = _screw_local(size, base.center[0], base.center[1], base.angle)
-            cut = u > _SCREW["half_length"] * s - rng.uniform(0.14, 0.24) * s
+            cut = u > _SCREW["half_length"] * s - rng.uniform(0.2, 0.3) * s
         mask = cut & (base.alpha > 0)
 
         def paint(img, m):

@@ -332,3 +332,17 @@ def test_empty_sample_lists():
     pre = Preprocess(8, 8)
     assert load_images([], pre).shape == (0, 3, 8, 8)
     assert load_masks([], pre).shape == (0, 8, 8)
+
+
+def test_memory_cache_is_bounded(tree):
+    data = load_category("mvtec", tree, "my_part")
+    pre = Preprocess(16, 16)
+    per_image = 3 * 16 * 16
+    cache = ImageCache(max_memory_mb=2.5 * per_image / 2**20)
+    load_images(data.train, pre, cache=cache)
+    assert len(cache) == 2 and cache.memory_bytes == 2 * per_image
+    # The most recently used entries stay.
+    load_images(data.train[-1:], pre, cache=cache)
+    assert cache.hits == 1
+    cache.clear()
+    assert len(cache) == 0 and cache.memory_bytes == 0
