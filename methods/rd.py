@@ -465,6 +465,32 @@ class FeatureCache:
 
 
 # --------------------------------------------------------------------------------------------
+# Training helpers shared with CDD
+
+
+def make_adam(
+    params, lr: float, betas: Sequence[float], device: str | torch.device
+) -> torch.optim.Adam:
+    """RD's optimizer: Adam(lr, betas); fused kernels on CUDA, multi-tensor on CPU.
+
+    Both variants implement the same update rule; they only launch fewer kernels.
+    """
+    cuda = torch.device(device).type == "cuda"
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True if cuda else None,
+                            foreach=None if cuda else True)
+
+
+def student_autocast(device: str | torch.device, amp_bf16: bool):
+    """Context for student forward passes: bf16 autocast on CUDA if ``amp_bf16``, else a no-op.
+
+    Compute losses and maps on ``.float()`` outputs (:func:`rd_loss` and :func:`anomaly_maps`
+    do), so only the student's convolutions run in bf16.
+    """
+    return torch.autocast("cuda", dtype=torch.bfloat16,
+                          enabled=torch.device(device).type == "cuda" and amp_bf16)
+
+
+# --------------------------------------------------------------------------------------------
 # The method
 
 
@@ -498,9 +524,7 @@ class ReverseDistillation(Method):
         return self._cuda and self.config.channels_last
 
     def _autocast(self):
-        """bf16 autocast for the student on CUDA when enabled; a no-op context otherwise."""
-        return torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=self._cuda and self.config.amp_bf16)
+        return student_autocast(self.device, self.config.amp_bf16)
 
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self._channels_last else torch.contiguous_format
@@ -538,9 +562,7 @@ class ReverseDistillation(Method):
         teacher = self._build_teacher()
         self.student = student = self._new_student()
         student.train()
-        # Fused (CUDA) / multi-tensor (CPU) Adam: same update rule, fewer kernel launches.
-        optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                     fused=self._cuda or None, foreach=None if self._cuda else True)
+        optimizer = make_adam(student.parameters(), cfg.lr, cfg.betas, self.device)
         generator = torch.Generator().manual_seed(self.seed)
         if cfg.feature_cache:
             cache = FeatureCache(teacher, train.images, self.device, storage=cfg.cache_device,
@@ -551,8 +573,10 @@ class ReverseDistillation(Method):
             # Decoded once, kept as uint8 on the device: no per-epoch reloading.
             images = train.images.to(self.device)
         steps = 0
+        # Batches are gathered where the data lives; the permutation goes there once per epoch.
+        data_device = cache.storage_device if cache is not None else self.device
         for epoch in range(cfg.epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(data_device)
             losses = []
             for start in range(0, n, cfg.batch_size):
                 index = order[start:start + cfg.batch_size]
@@ -560,7 +584,7 @@ class ReverseDistillation(Method):
                     t_feats = cache.get(index)
                 else:
                     with torch.no_grad():
-                        t_feats = teacher(images[index.to(self.device)])
+                        t_feats = teacher(images.index_select(0, index))
                 with self._autocast():
                     s_feats = student(t_feats)
                 loss = rd_loss(t_feats, s_feats)
