@@ -112,21 +112,28 @@ def patch_features(
     """Locally aggregated patch features (B, h, w, target_dim) on the first map's grid.
 
     Each map (B, C, h_l, w_l) becomes its zero-padded ``patchsize`` x ``patchsize``
-    neighbourhoods (B, C*p*p, h_l, w_l), ordered (channel, row, column); maps coarser than the
-    first are resized bilinearly (align_corners=False) to its grid. Each position's vector is
-    adaptive-average-pooled to ``pretrain_dim``, the layers are concatenated and pooled again to
-    ``target_dim``, which is PatchCore's Preprocessing + Aggregator.
+    neighbourhoods (B, C*p*p, h_l, w_l), ordered (channel, row, column); each position's vector
+    is adaptive-average-pooled to ``pretrain_dim``; maps coarser than the first are resized
+    bilinearly (align_corners=False) to its grid; the layers are concatenated and pooled again
+    to ``target_dim``. This is PatchCore's Preprocessing + Aggregator.
     """
     batch, _, height, width = feats[0].shape
     pad = (patchsize - 1) // 2
     pooled = []
     for feat in feats:
         h, w = feat.shape[-2:]
-        hood = F.unfold(feat, kernel_size=patchsize, padding=pad).view(batch, -1, h, w)
+        hood = F.unfold(feat, kernel_size=patchsize, padding=pad)  # (B, C*p*p, h*w)
+        vectors = hood.transpose(1, 2).reshape(batch * h * w, 1, -1)
+        layer = F.adaptive_avg_pool1d(vectors, pretrain_dim).view(batch, h, w, pretrain_dim)
         if (h, w) != (height, width):
-            hood = F.interpolate(hood, size=(height, width), mode="bilinear", align_corners=False)
-        vectors = hood.permute(0, 2, 3, 1).reshape(batch * height * width, 1, -1)
-        pooled.append(F.adaptive_avg_pool1d(vectors, pretrain_dim))
+            # Channel pooling and spatial resizing are both linear and act on different axes,
+            # so pooling first (at the coarse grid) equals the reference's resize-then-pool
+            # with a quarter of the memory for layer3.
+            layer = F.interpolate(
+                layer.permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                align_corners=False,
+            ).permute(0, 2, 3, 1)
+        pooled.append(layer.reshape(batch * height * width, 1, pretrain_dim))
     stacked = torch.cat(pooled, dim=2)  # (BHW, 1, n_layers * pretrain_dim)
     return F.adaptive_avg_pool1d(stacked, target_dim).view(batch, height, width, target_dim)
 

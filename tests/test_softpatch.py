@@ -190,6 +190,13 @@ def test_patch_features_equal_neighbourhood_pooling():
     vec3 = F.interpolate(unfold3, size=(6, 6), mode="bilinear")[b, :, i, j].numpy()
     expected = adaptive_pool(np.concatenate([adaptive_pool(vec2, 16), adaptive_pool(vec3, 16)]), 12)
     np.testing.assert_allclose(out[b, i, j].numpy(), expected, rtol=1e-12)
+    # Every position, in the reference's order of operations (resize, then pool).
+    hood2 = F.unfold(f2, 3, padding=1).transpose(1, 2).reshape(72, 1, -1)
+    hood3 = F.interpolate(unfold3, size=(6, 6), mode="bilinear").flatten(2).transpose(1, 2)
+    ref = torch.cat([F.adaptive_avg_pool1d(hood2, 16),
+                     F.adaptive_avg_pool1d(hood3.reshape(72, 1, -1), 16)], dim=2)
+    ref = F.adaptive_avg_pool1d(ref, 12).view(2, 6, 6, 12)
+    assert torch.allclose(out, ref, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
