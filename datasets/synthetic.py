@@ -323,7 +323,7 @@ def _defect_region(
         mask = rr <= 1.0 if region is None else (rr <= 1.0) & region
 
         def paint(img, m):
-            return (22 + 45 * rr[m])[:, None] * np.array([1.0, 0.95, 0.9]) + noise[m]
+            return (8 + 35 * rr[m] ** 2)[:, None] * np.array([1.0, 0.95, 0.9]) + noise[m]
 
     elif defect == "stain":
         cx, cy = rng.uniform(0.2, 0.8, 2) * s
@@ -412,17 +412,21 @@ def apply_defect(
     """(defective float image, bool mask): only mask pixels change, area within AREA_BOUNDS."""
     size = base.image.shape[0]
     lo, hi = AREA_BOUNDS[base.kind]
-    best = None
+    chosen = fallback = None
     for _ in range(max_tries):
         mask, paint = _defect_region(base, defect, rng, size, category)
         frac = float(mask.mean())
-        if frac > 0 and (best is None or abs(frac - 0.06) < abs(best[0] - 0.06)):
-            best = (frac, mask, paint)
         if lo <= frac <= hi:
+            chosen = (mask, paint)
             break
-    if best is None:
-        raise RuntimeError(f"synthetic {category}/{defect}: no defect region at size {size}")
-    _, mask, paint = best
+        # Out of bounds: remember the attempt nearest a typical size, in case none fits.
+        if frac > 0 and (fallback is None or abs(frac - 0.06) < fallback[0]):
+            fallback = (abs(frac - 0.06), mask, paint)
+    if chosen is None:
+        if fallback is None:
+            raise RuntimeError(f"synthetic {category}/{defect}: no defect region at size {size}")
+        chosen = fallback[1:]
+    mask, paint = chosen
     image = base.image.copy()
     image[mask] = paint(base.image, mask)
     return image, mask
