@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
+import sys
 
 import pytest
 
 from bench import regress
 from bench.cli import main
+from bench.commands import regress as command
+from bench.errors import UserError
 from bench.records import (
     METRIC_NAMES,
     PROTOCOLS,
@@ -66,13 +70,31 @@ def sweep(tmp_path):
     results = tmp_path / "results"
     write_sweep(results)
     baseline = tmp_path / "baselines" / "ci.json"
-    assert main(["regress", "--results", str(results), "--baseline", str(baseline),
-                 "--update"]) == 0
+    assert check(results, baseline, "--update") == 0
     return results, baseline
 
 
+def test_cli_dispatches_regress(sweep, capsys):
+    results, baseline = sweep
+    capsys.readouterr()
+    assert main(["regress", "--results", str(results), "--baseline", str(baseline)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+    assert main(["regress", "--results", str(results), "--baseline", str(results / "no")]) == 2
+
+
+def run_command(argv):
+    """The regress command alone, with the CLI's handling of user errors (exit code 2)."""
+    parser = argparse.ArgumentParser(prog="regress")
+    command.add_arguments(parser)
+    try:
+        return command.run(parser.parse_args(argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
 def check(results, baseline, *extra):
-    return main(["regress", "--results", str(results), "--baseline", str(baseline), *extra])
+    return run_command(["--results", str(results), "--baseline", str(baseline), *extra])
 
 
 def test_equal_results_pass(sweep, capsys):
