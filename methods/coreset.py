@@ -94,23 +94,28 @@ def greedy_coreset(
         # sum_j |x_i - x_j|^2 = M |x_i - mu|^2 + sum_j |x_j - mu|^2 (centred: no cancellation)
         centred = features - features.mean(0, keepdim=True)
         centred_sq = (centred * centred).sum(1)
-        min_dist = (total * centred_sq + centred_sq.sum()).sqrt()
+        min_sq = total * centred_sq + centred_sq.sum()  # the squared row norm
     elif init == "approx":
         n_starts = min(int(num_starts), total)
         starts = torch.randperm(total, generator=generator)[:n_starts].to(device)
         start_dist = _sq_dist_to(features, sq_norms, features.index_select(0, starts)).sqrt_()
-        min_dist = start_dist.mean(1)
+        min_sq = start_dist.mean(1).square()
     else:
         raise ValueError(f"unknown coreset init {init!r}")
+    # Greedy k-center only compares distances, so the loop runs on squared distances
+    # (no square root per step); squaring the first-step distances keeps their order.
     if candidates is not None:
-        # Distances are >= 0, so -1 is never the argmax and stays the minimum forever.
-        min_dist = torch.where(candidates.to(device), min_dist, min_dist.new_tensor(-1.0))
+        # Squared distances are >= 0 (up to rounding), so -1 is never the argmax and stays
+        # the minimum forever.
+        min_sq = torch.where(candidates.to(device), min_sq, min_sq.new_tensor(-1.0))
     selected = torch.empty(n, dtype=torch.long, device=device)
     for step in range(n):
-        pick = torch.argmax(min_dist).view(1)
+        pick = torch.argmax(min_sq).view(1)
         selected[step : step + 1] = pick
-        dist = _sq_dist_to(features, sq_norms, features.index_select(0, pick)).sqrt_()
-        min_dist = torch.minimum(min_dist, dist[:, 0])
+        centre = features.index_select(0, pick)[0]
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one matrix-vector product per step
+        dist_sq = torch.addmv(sq_norms, features, centre, alpha=-2.0).add_(sq_norms[pick])
+        torch.minimum(min_sq, dist_sq, out=min_sq)
     return selected
 
 
