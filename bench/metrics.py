@@ -69,8 +69,9 @@ absolute times are pessimistic: AUPRO 0.57 s, RD4AD PRO 0.30 s, all seven metric
 RD4AD PRO is 64x faster than RD4AD's loop (15x faster than that loop with the regions labelled
 once); the exact AUPRO loop over every distinct score would take about 44 hours (extrapolated),
 and even an approximate 200-threshold loop takes 4.5 s (8x). On 400 maps of 224x224 (20M pixels),
-pixel AUROC took 2.5 s and ``evaluate`` 4.8 s under the same load; sklearn's ``roc_auc_score``
-needs about 9x as long as ``pixel_auroc``. See the table in ``benchmarks/bench_metrics.py``.
+pixel AUROC took 2.5 s and ``evaluate`` 4.8 s under the same load (on the 150-map case
+sklearn's ``roc_auc_score`` took 9x as long as ``pixel_auroc``). See the table in
+``benchmarks/bench_metrics.py``.
 """
 
 from __future__ import annotations
