@@ -419,6 +419,7 @@ class FeatureCache:
         channels_last: bool = False,
     ):
         self.device = torch.device(device)
+        self.channels_last = channels_last
         n, _, h, w = images.shape
         self.storage_device = self._choose_storage(storage, teacher.backbone, n, h, w)
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"
@@ -461,7 +462,11 @@ class FeatureCache:
     def get(self, index: torch.Tensor) -> list[torch.Tensor]:
         """Features of images ``index`` (1-D long tensor, any device), on ``self.device``."""
         index = index.to(self.storage_device, non_blocking=True)
-        return [f.index_select(0, index).to(self.device, non_blocking=True) for f in self.feats]
+        out = [f.index_select(0, index).to(self.device, non_blocking=True) for f in self.feats]
+        if self.channels_last:
+            # index_select returns NCHW; hand the student the layout its weights use.
+            out = [f.contiguous(memory_format=torch.channels_last) for f in out]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
