@@ -332,3 +332,15 @@ def test_defaults_and_config_errors():
         tiny().fit(TrainSet(random_images(1, 32, 0), ("x",)))
     with pytest.raises(RuntimeError):
         tiny().predict(random_images(1, 32, 0))
+
+
+@pytest.mark.parametrize("kind, n_defect", [("nearest", 1), ("gaussian", 2)])
+def test_other_discriminators_flag_defective_training_images(kind, n_defect):
+    # One defect for "nearest": two identical defects are each other's nearest neighbour.
+    train = defect_train_set(n_normal=15, n_defect=n_defect)
+    logs = []
+    method = tiny(noise_discriminator=kind)
+    method.fit(train, observer=lambda e, s, p=None: logs.append(p))
+    top = np.argsort(logs[0]["patch_noise_max"])[-n_defect:]
+    assert sorted(top.tolist()) == list(range(15, 15 + n_defect))
+    assert (method.bank_weight >= 1).all()  # distance + 1
