@@ -322,6 +322,11 @@ class SoftPatch(Method):
         if self.bank is None:
             raise RuntimeError(f"{self.name}: predict called before fit or load_state_dict")
         cfg = self.config
+        if cfg.num_nn > self.bank.shape[0]:
+            raise UserError(
+                f"{self.name}: num_nn={cfg.num_nn} exceeds the memory bank "
+                f"({self.bank.shape[0]} patches); lower num_nn or raise coreset_ratio"
+            )
         emb = self.embed(images)
         batch, height, width, dim = emb.shape
         dist, idx = cs.nearest_neighbors(

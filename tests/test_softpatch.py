@@ -332,6 +332,10 @@ def test_defaults_and_config_errors():
         tiny().fit(TrainSet(random_images(1, 32, 0), ("x",)))
     with pytest.raises(RuntimeError):
         tiny().predict(random_images(1, 32, 0))
+    few = tiny("patchcore", num_nn=50)
+    few.fit(TrainSet(random_images(2, 32, 0), ("a", "b")))  # 32 patches -> bank of 3
+    with pytest.raises(UserError, match="num_nn=50"):
+        few.predict(random_images(1, 32, 0))
 
 
 @pytest.mark.parametrize("kind, n_defect", [("nearest", 1), ("gaussian", 2)])
