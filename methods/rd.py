@@ -621,7 +621,8 @@ class ReverseDistillation(Method):
             raise RuntimeError("rd: predict() needs fit() or load_state_dict() first")
         teacher = self._build_teacher()
         self.student.eval()
-        maps = torch.empty((n, h, w), dtype=torch.float32)
+        # Maps stay on the device until the end: one device-to-host copy instead of one a batch.
+        maps = torch.empty((n, h, w), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 t_feats = teacher(images[start:start + batch_size])
@@ -629,8 +630,8 @@ class ReverseDistillation(Method):
                     s_feats = self.student(t_feats)
                 batch_maps = anomaly_maps(t_feats, s_feats, (h, w), self.config.gaussian_sigma)
                 maps[start:start + batch_maps.shape[0]].copy_(batch_maps)
-        scores = maps.amax(dim=(1, 2)) if n else torch.empty(0)
-        return Prediction(scores=scores.numpy(), maps=maps.numpy())
+        scores = maps.amax(dim=(1, 2)) if n else torch.empty(0, device=self.device)
+        return Prediction(scores=scores.cpu().numpy(), maps=maps.cpu().numpy())
 
     def state_dict(self) -> dict[str, Any]:
         """Student weights (CPU) + what rebuilds the teacher (weights, its seed, its id)."""
