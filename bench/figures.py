@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from bench.paper import ablation_table_of
 from bench.records import write_bytes_atomic
 
 MAX_MAP_SAMPLES = 4
-MAX_SERIES = 12
+MAX_SERIES = 16
 CURVE_METRICS = ("i_auroc", "p_auroc")
 PROTOCOL_TITLES = {"no_overlap": "No overlap", "overlap": "Overlap"}
 
@@ -122,7 +123,7 @@ def noise_curves(runs, out_dir: Path, pro: str, notes: list[str]) -> list[tuple[
             continue
         labels = sorted({r.label for r in gruns}, key=_order)
         fig, axes = plt.subplots(2, len(metrics), figsize=(4.2 * len(metrics), 6.4),
-                                 squeeze=False)
+                                 squeeze=False, layout="constrained")
         for i, protocol in enumerate(("no_overlap", "overlap")):
             for j, metric in enumerate(metrics):
                 ax = axes[i][j]
@@ -172,7 +173,8 @@ def score_histograms(setting, category, scores: dict, out_dir: Path,
                      "test_labels, so no score histogram")
         return []
     plt = _plt()
-    fig, axes = plt.subplots(2, len(usable), figsize=(4.2 * len(usable), 6), squeeze=False)
+    fig, axes = plt.subplots(2, len(usable), figsize=(4.2 * len(usable), 6), squeeze=False,
+                             layout="constrained")
     for j, (label, d) in enumerate(usable.items()):
         train = d["train_scores"].astype(float)
         injected = d.get("train_injected", np.zeros(len(train), bool)).astype(bool)
@@ -226,7 +228,7 @@ def map_grid(setting, category, scores: dict, out_dir: Path,
     plt = _plt()
     ncols = 2 + len(usable)
     fig, axes = plt.subplots(len(pick), ncols, figsize=(1.9 * ncols, 1.9 * len(pick)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     index = {label: {str(k): i for i, k in enumerate(d["test_keys"])}
              for label, d in usable.items()}
     ranges = {}
@@ -248,7 +250,8 @@ def map_grid(setting, category, scores: dict, out_dir: Path,
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[r][0].set_ylabel(Path(key).name, fontsize=6)
+        # The defect folder and file name tell the samples apart (names repeat per defect).
+        axes[r][0].set_ylabel("/".join(Path(key).parts[-2:]), fontsize=6)
     for c, title in enumerate(["image", "ground truth", *usable]):
         axes[0][c].set_title(title, fontsize=8)
     fig.suptitle(f"Anomaly maps, {setting.title}, {category}", fontsize=9)
@@ -277,7 +280,8 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
             names = names[:MAX_SERIES]
         ncols = min(3, len(names))
         nrows = math.ceil(len(names) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3 * nrows), squeeze=False)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3 * nrows), squeeze=False,
+                             layout="constrained")
         for ax in axes.flat[len(names):]:
             ax.set_visible(False)
         for ax, name in zip(axes.flat, names):
@@ -285,13 +289,16 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
             for _run, series in sorted(items, key=lambda it: (it[0].category, it[0].seed)):
                 if name not in series:
                     continue
-                values = series[name]
-                ax.plot(np.arange(len(values)), values, lw=0.8, alpha=0.5)
-                curves.append(values)
-            length = min(len(c) for c in curves)
+                x, values = series[name]
+                ax.plot(x, values, lw=0.8, alpha=0.5, marker="." if len(values) < 30 else None)
+                curves.append((x, values))
+            length = min(len(c[1]) for c in curves)
             if len(curves) > 1 and length:
-                mean = np.nanmean(np.stack([c[:length] for c in curves]), axis=0)
-                ax.plot(np.arange(length), mean, color="black", lw=2, label="mean")
+                with warnings.catch_warnings():  # epochs where every curve is NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(np.stack([c[1][:length] for c in curves]), axis=0)
+                ax.plot(curves[0][0][:length], mean, color="black", lw=2, label="mean",
+                        marker="." if length < 30 else None)
                 ax.legend(fontsize=7)
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("epoch")
@@ -304,17 +311,28 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
     return entries
 
 
-def _series(record: dict) -> dict[str, np.ndarray]:
-    """Numeric per-epoch series of a record: diagnostics first, then history."""
+def _series(record: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Numeric per-epoch series of a record as name -> (epochs, values): diagnostics first,
+    then history, per-student pick counts last (there are many and they matter least)."""
     out = {}
     for source in ("diagnostics", "history"):
-        for name, values in (record.get(source) or {}).items():
-            if not isinstance(values, list) or len(values) < 1:
+        table = record.get(source) or {}
+        epochs = _as_array(table.get("epoch"))
+        for name, values in table.items():
+            arr = _as_array(values)
+            if name == "epoch" or arr is None or not np.isfinite(arr).any():
                 continue
-            try:
-                arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
-            except (TypeError, ValueError):
-                continue  # not a scalar series (e.g. per-sample lists)
-            if arr.ndim == 1 and np.isfinite(arr).any():
-                out[name if source == "diagnostics" or name not in out else f"history/{name}"] = arr
-    return out
+            x = epochs if epochs is not None and len(epochs) == len(arr) else np.arange(len(arr))
+            out[name if name not in out else f"history/{name}"] = (x, arr)
+    return dict(sorted(out.items(), key=lambda kv: "pick_count" in kv[0]))
+
+
+def _as_array(values) -> np.ndarray | None:
+    """A 1-D float array of a JSON list (None -> NaN), or None when it is not one."""
+    if not isinstance(values, list) or not values:
+        return None
+    try:
+        arr = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+    except (TypeError, ValueError):
+        return None  # not a scalar series
+    return arr if arr.ndim == 1 else None

@@ -136,14 +136,29 @@ def _slugify(text: str) -> str:
     return "-".join(p for p in out.split("-") if p) or "x"
 
 
-def method_label(spec: dict) -> str:
-    """The method name, plus its config overrides when there are any (``cdd[epochs=5]``)."""
-    name = str(spec.get("method", "?"))
-    config = spec.get("config") or {}
-    if not config:
-        return name
-    inner = ",".join(f"{k}={config[k]}" for k in sorted(config))
-    return f"{name}[{inner}]"
+def method_label(method: str, config: dict, varying: Iterable[str]) -> str:
+    """The method name, plus the config overrides that tell its runs apart (``cdd[k=3]``)."""
+    keys = sorted(k for k in varying)
+    if not keys:
+        return method
+    inner = ",".join(f"{k}={config.get(k, '-')}" for k in keys)
+    return f"{method}[{inner}]"
+
+
+def _assign_labels(runs: list[Run]) -> None:
+    """Label runs by method, adding only the overrides that differ between runs of one method
+    in one setting (a sweep's shared ``epochs: 200`` is not worth a column title)."""
+    configs: dict[tuple[Setting, str], list[dict]] = defaultdict(list)
+    for run in runs:
+        configs[(run.setting, run.method)].append(run.record["spec"].get("config") or {})
+    varying: dict[tuple[Setting, str], set[str]] = {}
+    for key, cfgs in configs.items():
+        names = {k for c in cfgs for k in c}
+        varying[key] = {k for k in names
+                        if len({repr(c.get(k, "<unset>")) for c in cfgs}) > 1}
+    for run in runs:
+        config = run.record["spec"].get("config") or {}
+        run.label = method_label(run.method, config, varying[(run.setting, run.method)])
 
 
 def load_runs(results_dir: str | Path) -> list[Run]:
@@ -167,7 +182,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
             fingerprint=str(record.get("fingerprint", "")),
             complete=is_complete(record),
             method=method,
-            label=method_label(spec),
+            label=method,
             setting=setting,
             category=category,
             seed=(int(spec.get("split_seed", 0)), int(spec.get("train_seed", 0))),
@@ -175,6 +190,7 @@ def load_runs(results_dir: str | Path) -> list[Run]:
             record=record,
             error=" ".join(str(error.get("message", "")).split()) if error else "",
         ))
+    _assign_labels(runs)
     return runs
 
 
@@ -744,7 +760,8 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     split_seeds, train_seeds = set(), set()
     for run in done:
         env = run.record.get("environment") or {}
-        commits.add(str(env.get("commit") or "unknown"))
+        commit = str(env.get("commit") or "unknown")
+        commits.add(commit + (" (uncommitted changes)" if env.get("dirty") else ""))
         device = env.get("device_name") or env.get("device") or "unknown"
         devices.add(str(device))
         weights.add(run.setting.teacher_weights)
@@ -752,7 +769,8 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
         if prov_weights and prov_weights != run.setting.teacher_weights:
             weights.add(str(prov_weights))
         sizes.add(run.setting.image_size)
-        cfg = run.record.get("resolved_config") or {}
+        # resolved_config has every field; a failed run only has the spec's overrides.
+        cfg = run.record.get("resolved_config") or run.record["spec"].get("config") or {}
         if "epochs" in cfg:
             epochs[run.method].add(cfg["epochs"])
         split_seeds.add(run.seed[0])

@@ -24,9 +24,9 @@ def _metrics(i, p, pro, aupro=None):
 
 def write_record(results, method, category, *, ratio=0.1, seed=0, dataset="mvtec", no=None,
                  ov=None, status="ok", image_size=224, weights="imagenet", epochs=200,
-                 history=None, diagnostics=None, scores=None):
+                 history=None, diagnostics=None, scores=None, config=None):
     """One record (and optionally its scores.npz) in the layout of bench.records."""
-    spec = {"method": method, "config": {}, "dataset": dataset, "category": category,
+    spec = {"method": method, "config": config or {}, "dataset": dataset, "category": category,
             "noise_ratio": ratio, "split_seed": 0, "train_seed": seed,
             "image_size": image_size, "resize_size": 256, "teacher_weights": weights}
     fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -273,3 +273,14 @@ def test_report_command_and_its_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no run records"):
         command.run(parser.parse_args(["--results", str(tmp_path / "empty")]))
+
+
+def test_columns_name_only_the_overrides_that_differ(tmp_path):
+    from bench.report import load_runs
+
+    res = tmp_path / "res"
+    write_record(res, "rd", "bottle", config={"epochs": 200, "backbone": "resnet18"})
+    write_record(res, "cdd", "bottle", config={"epochs": 200, "k_schedule": [2]})
+    write_record(res, "cdd", "bottle", config={"epochs": 200, "k_schedule": [3]})
+    labels = sorted(r.label for r in load_runs(res))
+    assert labels == ["cdd[k_schedule=[2]]", "cdd[k_schedule=[3]]", "rd"]
