@@ -64,9 +64,9 @@ ABLATION_ROW_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "4": {
         "RD": ("rd", "baseline", "row1", "1"),
         "D.C. + P.N.": ("dcpn", "dc", "row2", "2"),
-        "+ Conf.G.": ("confg", "dcpnconfg", "cg", "row3", "3"),
-        "+ Conf.D.": ("confd", "cd", "row4", "4"),
-        "+ F.P.": ("fp", "row5", "5"),
+        "+ Conf.G.": ("dccgpn", "confg", "dcpnconfg", "cg", "row3", "3"),
+        "+ Conf.D.": ("dccgpncd", "confd", "cd", "row4", "4"),
+        "+ F.P.": ("dccgpnfpcd", "fp", "row5", "5"),
         "+ Reg. (CDD)": ("reg", "full", "cdd", "row6", "6"),
     },
     "5": {

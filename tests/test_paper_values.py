@@ -94,7 +94,16 @@ def test_ablation_preset_names_map_to_paper_rows():
     assert ablation_row_of("cdd-t6-consensual") == "Consensual"
     assert ablation_row_of("cdd-a1-r0.5") == "r_normal=0.5"
     assert ablation_row_of("cdd-a2-linear") == "lambda=e/E"
-    assert ablation_row_of("cdd-t4-conf-g") == "+ Conf.G."
+    # The names bench/presets/table*.yaml and methods/cdd.py use, row by row.
+    t4 = ["cdd-t4-rd", "cdd-t4-dc-pn", "cdd-t4-dc-cg-pn", "cdd-t4-dc-cg-pn-cd",
+          "cdd-t4-dc-cg-pn-fp-cd", "cdd-t4-full"]
+    assert [ablation_row_of(n) for n in t4] == [
+        "RD", "D.C. + P.N.", "+ Conf.G.", "+ Conf.D.", "+ F.P.", "+ Reg. (CDD)"]
+    assert [ablation_row_of(f"cdd-a1-r{r}") for r in (0.0, 0.1, 0.3, 0.5, 0.7)] == [
+        "r_normal=0.0", "r_normal=0.1", "r_normal=0.3", "r_normal=0.5", "r_normal=0.7"]
+    assert [ablation_row_of(f"cdd-a2-{t}") for t in ("zero", "one", "linear", "scurve")] == [
+        "lambda=0.0", "lambda=1.0", "lambda=e/E", "lambda=S-curve"]
+    assert ablation_row_of("cdd-t5-k23432") == "K={2,3,4,3,2}"
     assert ablation_row_of("cdd-t5-unknown") is None
     assert ablation_table_of("cdd") is None and ablation_table_of("cdd-t5-") is None
 
@@ -194,3 +203,10 @@ def test_table3_and_table4_rows_match_the_paper_text(lookup):
         for metric, value in zip(["i_auroc", "p_auroc", "pro", "average"], numbers, strict=True):
             assert lookup.get(("4",), "mvtec", 0.1, "no_overlap", "average", label,
                               metric) == value
+
+
+def test_every_registered_ablation_preset_has_a_paper_row():
+    methods = pytest.importorskip("methods")
+    presets = [p.name for p in methods.available_presets() if ablation_table_of(p.name)]
+    assert presets, "no cdd-t4/t5/t6/a1/a2 presets registered"
+    assert {name: ablation_row_of(name) for name in presets if ablation_row_of(name) is None} == {}
