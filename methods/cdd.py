@@ -450,7 +450,8 @@ class CrossDomainDistillation(ReverseDistillation):
     ``loss_ds_teacher``, ``loss_ds_reg``, ``loss_cross``, ``loss_hc`` (NaN when a stage did not
     run); per_sample arrays ``confidence`` (Eq. 12 under S_glo(e-1)), ``in_hc`` (0/1) and
     ``picked`` (the student whose output was the sample's pseudo-normal target, -1 when the
-    sample was not visited once with a single pick: HC samples under "per_domain", "all").
+    sample was not visited once with a single pick: HC samples under "per_domain", "all") and
+    ``domain`` (the sample's low-confidence part k, -1 for an HC sample inside every domain).
     """
 
     name = "cdd"
@@ -537,6 +538,7 @@ class CrossDomainDistillation(ReverseDistillation):
                     "confidence": confidence.numpy().astype(np.float32),
                     "in_hc": in_hc,
                     "picked": picked.cpu().numpy().astype(np.int32),
+                    "domain": plan.domain_of(n).astype(np.int32),
                 })
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
@@ -548,8 +550,11 @@ class CrossDomainDistillation(ReverseDistillation):
 
     def _adam(self, student: RDStudent) -> torch.optim.Optimizer:
         cfg = self.config
+        # Fused Adam on CPU too: same update rule, several times faster there than the
+        # per-tensor loop, which matters with K + 1 students.
+        fused = self.device.type in ("cuda", "cpu") or None
         return torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                fused=self._cuda or None)
+                                fused=fused)
 
     def _batches(self, index: np.ndarray, limit: int | None = None) -> list[torch.Tensor]:
         """One shuffled pass over ``index`` in batches of ``batch_size`` (last one kept).
