@@ -188,18 +188,20 @@ def generic_diagnostics(per_sample: Mapping[str, np.ndarray], injected: np.ndarr
     return out
 
 
-def _diagnostics_for(method_name: str) -> Callable | None:
+def _diagnostics_for(method_name: str, config: Any) -> Callable | None:
     """The method family's own diagnostics (CDD's) when its module provides them."""
     from methods.base import resolve_method
 
     base, _ = resolve_method(method_name)
-    if base == "cdd":
-        try:
-            from methods.cdd import cdd_diagnostics
-        except ImportError:
-            return None
-        return cdd_diagnostics
-    return None
+    if base != "cdd":
+        return None
+    try:
+        from methods.cdd import cdd_diagnostics
+    except ImportError:
+        return None
+    # The same pick-count columns every epoch, whatever K the schedule is at.
+    n_students = max(getattr(config, "k_schedule", None) or (0,)) or None
+    return lambda per_sample, injected: cdd_diagnostics(per_sample, injected, n_students)
 
 
 def _sync(device) -> None:
@@ -309,7 +311,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     epochs = getattr(method.config, "epochs", None)
     bar = tqdm(total=epochs, desc=f"  {spec.method} {spec.category} r={spec.noise_ratio:g}",
                unit="ep", leave=False, disable=not options.progress, file=sys.stderr)
-    observer = RunObserver(injected, _diagnostics_for(spec.method), bar)
+    observer = RunObserver(injected, _diagnostics_for(spec.method, method.config), bar)
 
     # One training ...
     _sync(device)

@@ -31,6 +31,7 @@ Runs are ordered category, noise ratio, seed, method: runs that share data sit t
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -236,7 +237,7 @@ def expand(
     ``check_data`` resolves ``categories: all`` and checks requested categories against the data
     folder; without it, explicit category names are taken as they are (handy to count runs).
     """
-    import methods  # noqa: F401  (registers the built-in methods)
+    importlib.import_module("methods")  # registers the built-in methods
 
     root = Path(data_root or preset.data_root or default_data_root(preset.dataset))
     root = root.expanduser().resolve()

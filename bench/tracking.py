@@ -180,6 +180,8 @@ class Tracker:
             _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
+            _quiet_mlflow()  # importing mlflow resets its loggers to INFO
+
             client = MlflowClient(tracking_uri=self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
             self.experiment_id = (experiment.experiment_id if experiment is not None

@@ -1,0 +1,235 @@
+"""Runner: one training serves both protocols, records and scores.npz, resume, failures, Ctrl-C.
+
+The tiny methods registered here are importable by worker processes as the plugin module
+``test_runner`` (pytest puts this folder on ``sys.path``); the executor tests reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from bench.records import (
+    METRIC_NAMES,
+    RECORD_FILE,
+    SCORES_FILE,
+    is_complete,
+    load_record,
+    load_records,
+    run_dir,
+)
+from bench.runner import JobOptions, RunResult, partition, run_one, run_sweep, write_result
+from bench.spec import RunSpec
+from methods.base import Method, Prediction, get_method_class, register_method
+
+PLUGIN = "test_runner"
+
+
+@dataclass(frozen=True)
+class MeanDiffConfig:
+    epochs: int = 2
+    fail_in_fit: bool = False
+
+
+class MeanDiff(Method):
+    """Fit = mean training image; anomaly map = |x - mean| averaged over channels."""
+
+    name = "test-mean-diff"
+    Config = MeanDiffConfig
+
+    def fit(self, train, observer=None):
+        if self.config.fail_in_fit:
+            raise RuntimeError("deliberate failure in fit")
+        self.mean = train.images.float().mean(0)
+        for epoch in range(self.config.epochs):
+            if observer is not None:
+                spread = (train.images.float() - self.mean).abs().mean((1, 2, 3)).numpy()
+                observer(epoch, {"loss": 1.0 / (epoch + 1)}, {"spread": spread})
+
+    def predict(self, images, batch_size=32):
+        maps = (images.float() - self.mean).abs().mean(1)
+        return Prediction(maps.flatten(1).amax(1).numpy(), maps.numpy())
+
+    def state_dict(self):
+        return {"mean": self.mean}
+
+    def load_state_dict(self, state):
+        self.mean = state["mean"]
+
+
+@dataclass(frozen=True)
+class DieConfig:
+    pass
+
+
+class DieInFit(MeanDiff):
+    """Kills its own process in fit: a worker crash (segfault, OOM killer) for executor tests."""
+
+    name = "test-die"
+    Config = DieConfig
+
+    def fit(self, train, observer=None):
+        os._exit(3)
+
+
+for _cls in (MeanDiff, DieInFit):
+    try:
+        get_method_class(_cls.name)
+    except Exception:  # noqa: BLE001 - not registered yet in this process
+        register_method(_cls)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic MVTec-layout tree (2 categories, 32 px)."""
+    from datasets import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate_synthetic(root / "data", seed=0, size=32, n_train=10, n_test_good=4,
+                              n_test_anomalous=6, categories=["brick", "nut"])
+
+
+def make_spec(root, method="test-mean-diff", config=None, category="brick", ratio=0.2, seed=0):
+    return RunSpec(method=method, config=config or {}, dataset="synthetic", data_root=str(root),
+                   category=category, noise_ratio=ratio, split_seed=seed, train_seed=seed,
+                   image_size=32, resize_size=32, teacher_weights="random")
+
+
+def test_run_one_trains_once_and_evaluates_both_protocols(synthetic_root):
+    result = run_one(make_spec(synthetic_root), JobOptions(device="cpu"))
+    record = result.record
+    assert record["status"] == "ok", record["error"]
+    assert is_complete(record)
+    for protocol in ("no_overlap", "overlap", "train"):
+        assert set(record["metrics"][protocol]) == set(METRIC_NAMES)
+    split = record["split"]
+    assert split["n_injected"] == 2 and split["n_train_normal"] == 10  # floor(0.2 * 10)
+    assert split["n_test_overlap"] == 10 and split["n_test_no_overlap"] == 8
+    assert record["history"]["epoch"] == [0, 1] and record["history"]["loss"] == [1.0, 0.5]
+    assert set(record["diagnostics"]) == {"epoch", "spread/mean_injected", "spread/mean_normal"}
+    assert record["timings"]["fit_s"] >= 0 and record["timings"]["infer_images_per_s"] > 0
+    assert record["environment"]["device"] == "cpu"
+    assert record["provenance"]["method"] == "test-mean-diff"
+
+    npz = np.load(__import__("io").BytesIO(result.scores))
+    assert npz["test_scores"].shape == (10,) and npz["test_maps"].dtype == np.float16
+    assert npz["test_images"].shape == (10, 32, 32, 3) and npz["test_masks"].shape == (10, 32, 32)
+    assert npz["in_no_overlap"].sum() == 8 and npz["train_injected"].sum() == 2
+    # The injected images are exactly the test images that No overlap drops.
+    dropped = set(npz["test_keys"][~npz["in_no_overlap"]])
+    assert dropped == set(npz["train_keys"][npz["train_injected"]])
+    # No overlap metrics are those of the subset: recompute one from the stored scores.
+    from bench.metrics import evaluate
+
+    keep = npz["in_no_overlap"]
+    labels = npz["test_labels"][keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = evaluate(npz["test_scores"][keep], labels, np.zeros((keep.sum(), 2, 2)),
+                       np.zeros((keep.sum(), 2, 2), np.uint8))
+    assert record["metrics"]["no_overlap"]["i_auroc"] == pytest.approx(ref["i_auroc"])
+    manifest = json.loads(result.manifest)
+    assert len(manifest["train"]) == 12
+
+
+def test_a_raising_method_is_recorded_and_the_sweep_goes_on(synthetic_root, tmp_path):
+    good = make_spec(synthetic_root)
+    bad = make_spec(synthetic_root, config={"fail_in_fit": True})
+    summary = run_sweep([bad, good], tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert [s for s, _ in summary.failed] == [bad] and summary.ok == [good]
+    assert summary.exit_code == 1
+    failed = load_record(run_dir(tmp_path, bad.fingerprint) / RECORD_FILE)
+    assert failed["status"] == "failed" and failed["error"]["type"] == "RuntimeError"
+    assert "deliberate failure" in failed["error"]["message"]
+    assert "Traceback" in failed["error"]["traceback"]
+    assert not is_complete(failed)
+    assert "FAILED" in "\n".join(summary.lines())
+
+
+def test_resume_skips_done_and_reruns_incomplete_and_failed(synthetic_root, tmp_path):
+    specs = [make_spec(synthetic_root, ratio=r) for r in (0.0, 0.1, 0.2)]
+    first = run_sweep(specs, tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert len(first.ok) == 3 and first.exit_code == 0
+    again = run_sweep(specs, tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert again.ok == [] and len(again.skipped) == 3
+
+    # An interrupted run: scores written but no record. A failed run: a failed record.
+    os.unlink(run_dir(tmp_path, specs[0].fingerprint) / RECORD_FILE)
+    failed = dict(load_record(run_dir(tmp_path, specs[1].fingerprint) / RECORD_FILE))
+    failed.update(status="failed", metrics=None)
+    write_result(tmp_path, RunResult(failed))
+    todo, done = partition(specs, tmp_path)
+    assert todo == specs[:2] and done == specs[2:]
+    resumed = run_sweep(specs, tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert resumed.ok == specs[:2] and resumed.skipped == specs[2:]
+    assert len(load_records(tmp_path)) == 3
+
+    forced = run_sweep(specs, tmp_path, options=JobOptions(device="cpu"), progress=False,
+                       force=True)
+    assert len(forced.ok) == 3 and forced.skipped == []
+
+
+class _InterruptingExecutor:
+    """Yields the first result, then acts as if Ctrl-C arrived during the second run."""
+
+    def run(self, specs, options):
+        yield specs[0], run_one(specs[0], options)
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_no_partial_record(synthetic_root, tmp_path):
+    specs = [make_spec(synthetic_root, ratio=r) for r in (0.0, 0.1)]
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(specs, tmp_path, executor=_InterruptingExecutor(),
+                  options=JobOptions(device="cpu"), progress=False)
+    assert is_complete(load_record(run_dir(tmp_path, specs[0].fingerprint) / RECORD_FILE))
+    assert not run_dir(tmp_path, specs[1].fingerprint).exists()
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_rerun_retracts_the_old_record_before_writing_scores(synthetic_root, tmp_path):
+    spec = make_spec(synthetic_root)
+    result = run_one(spec, JobOptions(device="cpu"))
+    folder = write_result(tmp_path, result)
+    assert (folder / SCORES_FILE).is_file() and is_complete(load_record(folder / RECORD_FILE))
+
+    class Boom(bytes):
+        pass
+
+    # A write that dies after the retraction leaves the run "not done", never stale-complete.
+    broken = RunResult(result.record, scores=None, manifest=None)
+    broken.record = {**result.record, "fingerprint": spec.fingerprint}
+    original = write_result.__globals__["write_json_atomic"]
+
+    def failing(path, obj):
+        raise OSError("disk full")
+
+    write_result.__globals__["write_json_atomic"] = failing
+    try:
+        with pytest.raises(OSError):
+            write_result(tmp_path, broken)
+    finally:
+        write_result.__globals__["write_json_atomic"] = original
+    assert load_record(folder / RECORD_FILE) is None
+
+
+def test_real_rd_and_cdd_end_to_end(synthetic_root):
+    """The registered methods through the runner: tiny budgets, random ResNet-18 teacher."""
+    torch.manual_seed(0)
+    rd = run_one(make_spec(synthetic_root, "rd", {"backbone": "resnet18", "epochs": 1}),
+                 JobOptions(device="cpu"))
+    assert rd.record["status"] == "ok", rd.record["error"]
+    assert rd.record["provenance"]["teacher_weights"]
+    cdd = run_one(make_spec(synthetic_root, "cdd", {"backbone": "resnet18", "epochs": 2,
+                                                     "max_steps_per_stage": 1}),
+                  JobOptions(device="cpu"))
+    assert cdd.record["status"] == "ok", cdd.record["error"]
+    diagnostics = cdd.record["diagnostics"]
+    assert "confidence_auroc" in diagnostics and len(diagnostics["epoch"]) == 2

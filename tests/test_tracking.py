@@ -1,0 +1,129 @@
+"""MLflow tracking: a real ``mlflow server`` receives a sweep; failures never cost a record."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from test_runner import make_spec, synthetic_root  # noqa: F401  (fixture, methods)
+
+from bench.records import is_complete, load_records
+from bench.runner import JobOptions, run_sweep
+from bench.tracking import Tracker, flatten, resolve_tracking_uri, step_metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 (lean: no job execution, one worker); stopped by PID."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+           "--artifacts-destination", str(folder / "artifacts")]
+    log = open(folder / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start: "
+                                   + (folder / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield url
+    finally:
+        # The server's own process group (its worker included), by the PID we started.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_server_receives_parent_and_child_runs(mlflow_server, synthetic_root, tmp_path):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    ok = make_spec(synthetic_root, ratio=0.2)
+    bad = make_spec(synthetic_root, config={"fail_in_fit": True})
+    tracker = Tracker(mlflow_server, "unit", sweep_info={"name": "unit sweep", "preset": "unit"})
+    summary = run_sweep([ok, bad], tmp_path, options=JobOptions(device="cpu", sweep="unit"),
+                        tracker=tracker, progress=False)
+    assert summary.exit_code == 1 and tracker.enabled
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("fuad/unit")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    children = {r.data.tags["fingerprint"]: r for r in runs if r.data.tags.get("kind") == "run"}
+    assert len(parents) == 1 and set(children) == {ok.fingerprint, bad.fingerprint}
+    assert parents[0].info.status == "FAILED" and parents[0].data.metrics["runs_failed"] == 1
+
+    child = children[ok.fingerprint]
+    assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert child.data.tags["category"] == "brick" and child.data.tags["noise_ratio"] == "0.2"
+    assert child.data.tags["method"] == "test-mean-diff" and child.data.tags["status"] == "ok"
+    assert child.data.params["config.epochs"] == "2" and child.data.params["image_size"] == "32"
+    record = load_records(tmp_path)[0]
+    assert child.data.metrics["no_overlap/i_auroc"] == pytest.approx(
+        record["metrics"]["no_overlap"]["i_auroc"])
+    assert "overlap/p_auroc" in child.data.metrics and "timing/fit_s" in child.data.metrics
+    history = client.get_metric_history(child.info.run_id, "history/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5)]
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"record.json", "manifest.json"} <= artifacts
+    failed = children[bad.fingerprint]
+    assert failed.info.status == "FAILED" and failed.data.tags["error_type"] == "RuntimeError"
+
+    # A resumed sweep with a fresh store logs the finished run it skips; the known one is not
+    # logged twice.
+    again = Tracker(mlflow_server, "unit", sweep_info={"name": "resume", "preset": "unit"})
+    run_sweep([ok], tmp_path, options=JobOptions(device="cpu"), tracker=again, progress=False)
+    children_now = [r for r in client.search_runs([experiment.experiment_id])
+                    if r.data.tags.get("kind") == "run"]
+    assert len(children_now) == 2
+
+
+def test_tracking_failure_warns_once_and_keeps_records(synthetic_root, tmp_path):  # noqa: F811
+    warnings = []
+    tracker = Tracker("sqlite:////proc/no-such-dir/mlflow.db", "unit", warn=warnings.append)
+    specs = [make_spec(synthetic_root, ratio=r) for r in (0.0, 0.2)]
+    summary = run_sweep(specs, tmp_path, options=JobOptions(device="cpu"), tracker=tracker,
+                        progress=False)
+    assert summary.exit_code == 0 and len(warnings) == 1 and "records are still written" in warnings[0]
+    assert all(is_complete(r) for r in load_records(tmp_path)) and len(load_records(tmp_path)) == 2
+
+
+def test_uri_precedence_and_flattening(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://x:5000")
+    assert resolve_tracking_uri(tmp_path) == "http://x:5000"
+    assert resolve_tracking_uri(tmp_path, "http://y") == "http://y"
+    assert flatten("config", {"a": {"b": (1, 2)}, "c": 0.5}, {}) == {
+        "config.a.b": "[1, 2]", "config.c": "0.5"}
+    record = {"history": {"epoch": [0, 1], "loss": [2.0, None]},
+              "diagnostics": {"epoch": [1], "auroc": [0.9]}}
+    assert step_metrics(record) == [("history/loss", 2.0, 0), ("diag/auroc", 0.9, 1)]
