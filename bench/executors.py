@@ -138,7 +138,9 @@ class ProcessExecutor:
 
     def __init__(self, workers: int | None = None, device: str = "auto"):
         self.device = device
-        self.gpus = visible_gpus() if _wants_gpu(device) else []
+        # Pin one GPU per worker for auto/cuda; an explicit cuda:N means every worker uses it.
+        pin = (device or "auto").lower() in ("auto", "cuda")
+        self.gpus = visible_gpus() if pin else []
         self.workers = int(workers or max(1, len(self.gpus)))
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}")
