@@ -9,7 +9,9 @@ every run succeeded, 1 when some failed (they are listed at the end), 2 for bad 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -123,8 +125,9 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     options = JobOptions(device=args.device, sweep=name, plugins=tuple(getattr(args, "plugins", ())),
                          cache_dir=args.cache_dir)
     executor = make_executor(args.executor, args.workers, args.device, args.ray_address)
-    summary = run_sweep(specs, results, executor=executor, options=options, tracker=tracker,
-                        force=args.force)
+    with _sigterm_as_interrupt():
+        summary = run_sweep(specs, results, executor=executor, options=options, tracker=tracker,
+                            force=args.force)
     for line in summary.lines():
         print(line, file=out)
     code = summary.exit_code
@@ -138,6 +141,24 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     if tracker is not None:
         print(f"MLflow:  {uri}\n  browse: {ui_command(uri)}", file=out)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (a batch scheduler's stop) like Ctrl-C: clean stop, sweep marked killed."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def render_report(results: Path) -> tuple[Path | None, int]:
