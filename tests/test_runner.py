@@ -6,6 +6,7 @@ The tiny methods registered here are importable by worker processes as the plugi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -117,7 +118,7 @@ def test_run_one_trains_once_and_evaluates_both_protocols(synthetic_root):
     assert record["environment"]["device"] == "cpu"
     assert record["provenance"]["method"] == "test-mean-diff"
 
-    npz = np.load(__import__("io").BytesIO(result.scores))
+    npz = np.load(io.BytesIO(result.scores))
     assert npz["test_scores"].shape == (10,) and npz["test_maps"].dtype == np.float16
     assert npz["test_images"].shape == (10, 32, 32, 3) and npz["test_masks"].shape == (10, 32, 32)
     assert npz["in_no_overlap"].sum() == 8 and npz["train_injected"].sum() == 2
@@ -194,30 +195,23 @@ def test_ctrl_c_leaves_no_partial_record(synthetic_root, tmp_path):
     assert leftovers == []
 
 
-def test_rerun_retracts_the_old_record_before_writing_scores(synthetic_root, tmp_path):
+def test_rerun_retracts_the_old_record_before_writing_scores(synthetic_root, tmp_path,
+                                                             monkeypatch):
     spec = make_spec(synthetic_root)
     result = run_one(spec, JobOptions(device="cpu"))
     folder = write_result(tmp_path, result)
     assert (folder / SCORES_FILE).is_file() and is_complete(load_record(folder / RECORD_FILE))
 
-    class Boom(bytes):
-        pass
-
-    # A write that dies after the retraction leaves the run "not done", never stale-complete.
-    broken = RunResult(result.record, scores=None, manifest=None)
-    broken.record = {**result.record, "fingerprint": spec.fingerprint}
-    original = write_result.__globals__["write_json_atomic"]
-
-    def failing(path, obj):
+    # A rewrite that dies before its record lands leaves the run "not done", never the old
+    # record paired with new scores.
+    def disk_full(path, obj):
         raise OSError("disk full")
 
-    write_result.__globals__["write_json_atomic"] = failing
-    try:
-        with pytest.raises(OSError):
-            write_result(tmp_path, broken)
-    finally:
-        write_result.__globals__["write_json_atomic"] = original
+    monkeypatch.setattr("bench.runner.write_json_atomic", disk_full)
+    with pytest.raises(OSError):
+        write_result(tmp_path, result)
     assert load_record(folder / RECORD_FILE) is None
+    assert partition([spec], tmp_path) == ([spec], [])
 
 
 def test_real_rd_and_cdd_end_to_end(synthetic_root):
