@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -28,9 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _command_modules():
     for name in COMMANDS:
-        module_name = f"bench.commands.{name}"
-        if importlib.util.find_spec(module_name) is not None:
-            yield name, importlib.import_module(module_name)
+        yield name, importlib.import_module(f"bench.commands.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

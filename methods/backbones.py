@@ -8,8 +8,10 @@ Weights are one of:
 
 - ``"imagenet"``: torchvision's ``IMAGENET1K_V1`` through torch.hub's normal cache and download.
   Offline with no cached file stops with one line naming the exact path to put the file at.
-- ``"random"``: torchvision's default initialisation drawn from ``seed`` (demo, tests, smoke
-  runs; never paper-comparable).
+- ``"random"`` or ``"random:N"``: torchvision's default initialisation drawn from seed 0 (or N)
+  (demo, tests, smoke runs; never paper-comparable). The teacher's seed is part of the weights
+  name, not the run's training seed: a pretrained teacher is the same for every seed of a sweep,
+  and so is a random one, so seed-to-seed spread measures the split and the training only.
 - a path to a local state_dict file, loaded with ``torch.load(weights_only=True)``; keys and
   shapes are checked against the torchvision model and the first mismatch is named.
 
@@ -64,7 +66,26 @@ def imagenet_cache_path(backbone: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def weights_id(backbone: str, weights: str, seed: int = 0) -> str:
+def random_teacher_seed(weights: str) -> int | None:
+    """The seed of ``"random"`` (0) or ``"random:N"`` (N); None for other weights.
+
+    Raises:
+        UserError: ``random:`` followed by something other than a non-negative integer.
+    """
+    if weights == "random":
+        return 0
+    if not weights.startswith("random:"):
+        return None
+    text = weights.split(":", 1)[1]
+    if not text.isdigit():
+        raise UserError(
+            f"teacher weights {weights!r}: the random teacher's seed must be a non-negative "
+            "integer, e.g. random:3"
+        )
+    return int(text)
+
+
+def weights_id(backbone: str, weights: str) -> str:
     """The provenance id of a teacher, without building it.
 
     Returns ``imagenet:IMAGENET1K_V1``, ``random:seed=<seed>`` or ``file:<sha256[:12]>`` (the
@@ -73,8 +94,9 @@ def weights_id(backbone: str, weights: str, seed: int = 0) -> str:
     check_backbone(backbone)
     if weights == "imagenet":
         return f"imagenet:{_IMAGENET_WEIGHTS[backbone].name}"
-    if weights == "random":
-        return f"random:seed={int(seed)}"
+    seed = random_teacher_seed(weights)
+    if seed is not None:
+        return f"random:seed={seed}"
     return f"file:{_file_sha256(_existing_file(weights))[:12]}"
 
 
@@ -157,13 +179,13 @@ class Teacher(nn.Module):
         return self.encode(teacher_input(images, device, channels_last=channels_last))
 
 
-def build_teacher(backbone: str, weights: str, seed: int = 0) -> Teacher:
+def build_teacher(backbone: str, weights: str) -> Teacher:
     """Build a frozen teacher on CPU (move it with ``.to(device)``).
 
     Args:
         backbone: ``"wide_resnet50_2"`` or ``"resnet18"``.
-        weights: ``"imagenet"``, ``"random"`` or a path to a state_dict file.
-        seed: seeds the initialisation when ``weights == "random"`` (global RNG untouched).
+        weights: ``"imagenet"``, ``"random"`` (seed 0), ``"random:N"`` (seed N; the global RNG
+            is untouched) or a path to a state_dict file.
 
     Raises:
         UserError: unknown backbone, imagenet weights unavailable offline (names the cache
@@ -171,12 +193,13 @@ def build_teacher(backbone: str, weights: str, seed: int = 0) -> Teacher:
     """
     check_backbone(backbone)
     constructor = getattr(torchvision.models, backbone)
-    if weights == "random":
+    seed = random_teacher_seed(weights)
+    if seed is not None:
         # Draw the initialisation from its own seed without disturbing the caller's RNG.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(seed)
             net = constructor(weights=None)
-        return Teacher(backbone, net, weights_id(backbone, "random", seed))
+        return Teacher(backbone, net, weights_id(backbone, weights))
     net = constructor(weights=None)
     if weights == "imagenet":
         state = _imagenet_state_dict(backbone)

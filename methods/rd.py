@@ -536,7 +536,7 @@ class ReverseDistillation(Method):
 
     def _build_teacher(self) -> Teacher:
         if self.teacher is None:
-            teacher = build_teacher(self.config.backbone, self.teacher_weights, seed=self.seed)
+            teacher = build_teacher(self.config.backbone, self.teacher_weights)
             self.teacher = teacher.to(self.device, memory_format=self._memory_format())
         return self.teacher
 
@@ -634,14 +634,14 @@ class ReverseDistillation(Method):
         return Prediction(scores=scores.cpu().numpy(), maps=maps.cpu().numpy())
 
     def state_dict(self) -> dict[str, Any]:
-        """Student weights (CPU) + what rebuilds the teacher (weights, its seed, its id)."""
+        """Student weights (CPU) + what rebuilds the teacher (its weights and id) + the seed."""
         if self.student is None:
             raise RuntimeError("rd: state_dict() needs fit() first")
         return {
             "method": self.name,
             "config": dataclasses.asdict(self.config),
             "teacher_weights": self.teacher_weights,
-            "teacher_seed": self.seed,
+            "seed": self.seed,
             "teacher_weights_id": self._weights_id(),
             "student": {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()},
         }
@@ -654,7 +654,7 @@ class ReverseDistillation(Method):
         config["betas"] = tuple(config["betas"])
         self.config = RDConfig(**config)
         self.teacher_weights = state["teacher_weights"]
-        self.seed = int(state["teacher_seed"])
+        self.seed = int(state["seed"])
         self.teacher = None
         teacher = self._build_teacher()
         if teacher.weights_id != state["teacher_weights_id"]:
@@ -670,7 +670,7 @@ class ReverseDistillation(Method):
     def _weights_id(self) -> str:
         if self.teacher is not None:
             return self.teacher.weights_id
-        return weights_id(self.config.backbone, self.teacher_weights, self.seed)
+        return weights_id(self.config.backbone, self.teacher_weights)
 
     def describe(self) -> dict[str, Any]:
         """Base provenance + backbone, teacher weights id and whether it is paper-comparable."""

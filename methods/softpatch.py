@@ -179,9 +179,9 @@ class SoftPatch(Method):
     def teacher(self):
         """The frozen backbone, built on first use (so a loaded state needs no extra work)."""
         if self._teacher is None:
-            self._teacher = build_teacher(
-                self.config.backbone, self.teacher_weights, self.seed
-            ).to(self.device)
+            self._teacher = build_teacher(self.config.backbone, self.teacher_weights).to(
+                self.device
+            )
         return self._teacher
 
     @torch.no_grad()
@@ -365,7 +365,7 @@ class SoftPatch(Method):
     def _teacher_id(self) -> str:
         if self._teacher is not None:
             return self._teacher.weights_id
-        return weights_id(self.config.backbone, self.teacher_weights, self.seed)
+        return weights_id(self.config.backbone, self.teacher_weights)
 
     def state_dict(self) -> dict[str, Any]:
         """The memory bank, its soft weights and what they were computed with (CPU tensors)."""

@@ -19,7 +19,7 @@ from methods.backbones import (
 
 @pytest.fixture(scope="module")
 def r18():
-    return build_teacher("resnet18", "random", seed=0)
+    return build_teacher("resnet18", "random")
 
 
 def _images(n=2, size=64, seed=0):
@@ -36,7 +36,7 @@ def test_resnet18_feature_shapes_and_metadata(r18):
 
 
 def test_wide_resnet50_2_feature_shapes():
-    teacher = build_teacher("wide_resnet50_2", "random", seed=0)
+    teacher = build_teacher("wide_resnet50_2", "random")
     feats = teacher(_images(1, 64))
     assert [tuple(f.shape) for f in feats] == [(1, 256, 16, 16), (1, 512, 8, 8), (1, 1024, 4, 4)]
     assert teacher.channels == (256, 512, 1024)
@@ -68,12 +68,17 @@ def test_normalisation_uint8_and_float_agree(r18):
 
 def test_random_weights_are_seeded_and_leave_global_rng_alone(r18):
     state = torch.random.get_rng_state()
-    again = build_teacher("resnet18", "random", seed=0)
+    again = build_teacher("resnet18", "random")
     assert torch.equal(torch.random.get_rng_state(), state)
-    other = build_teacher("resnet18", "random", seed=1)
+    other = build_teacher("resnet18", "random:1")
     w0, w1, w2 = (t.conv1.weight for t in (r18, again, other))
     assert torch.equal(w0, w1) and not torch.equal(w0, w2)
     assert other.weights_id == "random:seed=1"
+    assert weights_id("resnet18", "random:1") == other.weights_id
+    assert torch.equal(build_teacher("resnet18", "random:0").conv1.weight, w0)
+    for bad in ("random:", "random:-1", "random:x"):
+        with pytest.raises(UserError, match="non-negative integer"):
+            build_teacher("resnet18", bad)
 
 
 def _full_state(seed=3):

@@ -219,12 +219,12 @@ def test_state_dict_round_trip_gives_identical_predictions(fitted):
 
 def test_state_refuses_a_changed_weight_file(tmp_path):
     path = tmp_path / "teacher.pth"
-    torch.save(build_teacher("resnet18", "random", seed=1).state_dict(), path)
+    torch.save(build_teacher("resnet18", "random:1").state_dict(), path)
     method = build_method("rd", {"backbone": "resnet18", "max_steps": 1, "batch_size": 4},
                           teacher_weights=str(path))
     method.fit(_train_set(4))
     state = method.state_dict()
-    torch.save(build_teacher("resnet18", "random", seed=2).state_dict(), path)
+    torch.save(build_teacher("resnet18", "random:2").state_dict(), path)
     with pytest.raises(UserError, match="restore that weight file"):
         ReverseDistillation().load_state_dict(state)
 
@@ -232,7 +232,8 @@ def test_state_refuses_a_changed_weight_file(tmp_path):
 def test_describe_marks_provenance():
     info = _rd(seed=2).describe()
     assert info["method"] == "rd" and info["backbone"] == "resnet18"
-    assert info["teacher_weights"] == "random" and info["teacher_weights_id"] == "random:seed=2"
+    # The random teacher's seed is named by its weights, not the training seed.
+    assert info["teacher_weights"] == "random" and info["teacher_weights_id"] == "random:seed=0"
     assert info["paper_comparable"] is False
     assert ReverseDistillation().describe()["paper_comparable"] is True
 

@@ -203,10 +203,10 @@ def test_patch_features_equal_neighbourhood_pooling():
 # Methods end to end
 
 
-def tiny(name="softpatch", seed=0, **overrides):
+def tiny(name="softpatch", seed=0, teacher_weights="random", **overrides):
     base = {"backbone": "resnet18", "pretrain_embed_dimension": 64,
             "target_embed_dimension": 64, "projection_dim": 16}
-    return build_method(name, {**base, **overrides}, teacher_weights="random", seed=seed)
+    return build_method(name, {**base, **overrides}, teacher_weights=teacher_weights, seed=seed)
 
 
 def defect_train_set(n_normal=14, n_defect=2, size=64):
@@ -277,7 +277,7 @@ def test_state_dict_round_trip_and_mismatch(fitted, tmp_path):
     with pytest.raises(UserError, match="lof_k"):
         tiny(lof_k=7).load_state_dict(method.state_dict())
     with pytest.raises(UserError, match="teacher"):
-        tiny(seed=1).load_state_dict(method.state_dict())
+        tiny(teacher_weights="random:1").load_state_dict(method.state_dict())
     with pytest.raises(UserError, match="not a patchcore"):
         tiny("patchcore").load_state_dict(method.state_dict())
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     specs = expand(preset, data_root=root, teacher_weights=args.teacher_weights)
     code = execute(preset, specs, args)
     weights = specs[0].teacher_weights if specs else preset.teacher_weights
-    if weights == "random":
+    if weights.startswith("random"):
         print("note: the teacher was randomly initialised (seeded), so these numbers show the "
               "harness working, not the paper's results; rerun with --teacher-weights imagenet "
               "(needs the torchvision weights) for a pretrained teacher.")

@@ -48,7 +48,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, results_default: Path =
         parser.add_argument("--dry-run", action="store_true",
                             help="list the runs and whether they are done, then stop")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    parser.add_argument("--teacher-weights", help="imagenet, random or a state_dict file")
+    parser.add_argument("--teacher-weights", help="imagenet, random (seed 0), random:N or a state_dict file")
     parser.add_argument("--executor", default="local", choices=("local", "processes", "ray"),
                         help="where runs execute (default: local, in this process)")
     parser.add_argument("--workers", type=int,
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     preset = load_preset(args.preset)
     import_plugins(args.plugins)
+    ensure_synthetic_data(preset, args.data_root)
     specs = expand(
         preset, data_root=args.data_root, categories=args.categories,
         noise_ratios=args.noise_ratios, seeds=args.seeds, methods=args.methods,
@@ -79,6 +80,22 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(specs, args.results)
     return execute(preset, specs, args)
+
+
+def ensure_synthetic_data(preset, data_root) -> None:
+    """Write the synthetic dataset (seed 0, default size) where a synthetic sweep expects it and
+    nothing exists yet, so ``run --preset ci`` works on a fresh clone. An existing folder is
+    used as it is."""
+    from bench.sweep import default_data_root
+    from datasets import generate_synthetic
+
+    if preset.dataset != "synthetic":
+        return
+    root = Path(data_root or preset.data_root or default_data_root(preset.dataset))
+    if root.exists():
+        return
+    print(f"writing the synthetic dataset to {root} (seed 0) ...", flush=True)
+    generate_synthetic(root, seed=0)
 
 
 def dry_run(specs, results: Path) -> int:
@@ -112,7 +129,7 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     print(f"sweep {name}: {preset.description}", file=out)
     print(f"  {len(specs)} runs on {args.executor} (device {args.device}); results {results}",
           file=out)
-    if weights == "random":
+    if weights.startswith("random"):
         print("  teacher: randomly initialised (seeded) -- numbers are NOT comparable with the "
               "paper; use --teacher-weights imagenet for that", file=out)
     out.flush()
