@@ -12,6 +12,7 @@ the geometry, so a cache survives moves and renames and is never stale.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import numbers
@@ -92,31 +93,30 @@ class Preprocess:
         return f"r{self.resize}c{self.crop}"
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """A fully decoded PIL image, or a DataError naming the file."""
+@contextlib.contextmanager
+def _readable(path: Path, what: str):
+    """Turn a missing or undecodable image file into one DataError that names it."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img
+        yield
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist; restore it or reload the dataset") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(
             f"cannot read {what} {path} ({type(err).__name__}: {err}); replace or remove the file"
         ) from None
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """A fully decoded PIL image, or a DataError naming the file."""
+    with _readable(path, what), Image.open(path) as img:
+        img.load()
+        return img
 
 
 def _image_size(path: Path, what: str) -> tuple[int, int]:
     """(width, height) from the header only."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist; restore it or reload the dataset") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(
-            f"cannot read {what} {path} ({type(err).__name__}: {err}); replace or remove the file"
-        ) from None
+    with _readable(path, what), Image.open(path) as img:
+        return img.size
 
 
 def _check_mask_size(sample: Sample, image_size: tuple[int, int]) -> None:

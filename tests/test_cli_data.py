@@ -14,27 +14,15 @@ from datasets.fake import write_fake_mvtec
 REPO = Path(__file__).resolve().parents[1]
 
 
+# A tiny synthetic tree: seed 2, 24 px, 10 train / 3 good / 5 anomalous test images.
+SMALL_SYNTH = ["--seed", "2", "--size", "24", "--train", "10", "--test-good", "3",
+               "--test-anomalous", "5", "--categories", "nut", "grass"]
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli") / "synthetic"
-    args = [
-        "synth",
-        "--out",
-        str(root),
-        "--seed",
-        "2",
-        "--size",
-        "24",
-        "--train",
-        "10",
-        "--test-good",
-        "3",
-        "--test-anomalous",
-        "5",
-        "--categories",
-        "nut",
-        "grass",
-    ]
+    args = ["synth", "--out", str(root), *SMALL_SYNTH]
     assert main(args) == 0
     return root
 
@@ -52,26 +40,7 @@ def test_synth_writes_the_tree(synthetic_root, capsys):
     assert params["size"] == 24 and params["n_train"] == 10
     # Same parameters again: kept, and the summary names both categories.
     assert (
-        main(
-            [
-                "synth",
-                "--out",
-                str(synthetic_root),
-                "--seed",
-                "2",
-                "--size",
-                "24",
-                "--train",
-                "10",
-                "--test-good",
-                "3",
-                "--test-anomalous",
-                "5",
-                "--categories",
-                "nut",
-                "grass",
-            ]
-        )
+        main(["synth", "--out", str(synthetic_root), *SMALL_SYNTH])
         == 0
     )
     out = capsys.readouterr().out
