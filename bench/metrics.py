@@ -64,13 +64,12 @@ pixel metrics, e.g. a train set without injected anomalies) returns NaN and emit
 :class:`MetricWarning`, the convention records follow (NaN is stored as null).
 
 Speed, measured with ``python benchmarks/bench_metrics.py`` (150 maps of 224x224, 295 regions)
-on the shared 2-core development machine while it was loaded (load average about 9), so the
-absolute times are pessimistic: AUPRO 0.57 s, RD4AD PRO 0.30 s, all seven metrics 1.4 s.
-RD4AD PRO is 64x faster than RD4AD's loop (15x faster than that loop with the regions labelled
-once); the exact AUPRO loop over every distinct score would take about 44 hours (extrapolated),
-and even an approximate 200-threshold loop takes 4.5 s (8x). On 400 maps of 224x224 (20M pixels),
-pixel AUROC took 2.5 s and ``evaluate`` 4.8 s under the same load (on the 150-map case
-sklearn's ``roc_auc_score`` took 9x as long as ``pixel_auroc``). See the table in
+on the 2-core development machine with nothing else running: AUPRO 0.18 s, RD4AD PRO 0.09 s,
+pixel AUROC 0.32 s, all seven metrics (``evaluate``) 0.47 s. RD4AD PRO is 73x faster than
+RD4AD's loop (16x faster than that loop with the regions labelled once); the exact AUPRO loop
+over every distinct score would take about 13 hours (extrapolated), and an approximate
+200-threshold loop, a different and inexact number, takes 1.3 s (7x); sklearn's
+``roc_auc_score`` takes 9x as long as ``pixel_auroc``. See the table in
 ``benchmarks/bench_metrics.py``.
 """
 

@@ -17,18 +17,17 @@ rest defect-free. Each metric of :mod:`bench.metrics` is timed beside a referenc
   both of which only make the reference faster than the original.
 - pixel AUROC / AP: scikit-learn's ``roc_auc_score`` / ``average_precision_score``.
 
-Measured on the shared 2-core development machine (numpy 2.4.6; load average about 9 from other
-jobs, so every absolute time is inflated; the ratios are the informative part)::
+Measured on the 2-core development machine with nothing else running (numpy 2.4.6)::
 
     150 maps of 224x224 float32, 100 anomalous, 295 regions, 1.30% anomalous pixels
     metric      ours s  reference                                      ref s  speed-up
-    aupro        0.567  loop, 200 thresholds (approximate)              4.45        8x
-    aupro        0.599  loop, every distinct score (exact; extrapolated) 158326  264530x
-    pro_rd4ad    0.302  RD4AD loop, regions labelled per threshold     19.38       64x
-    pro_rd4ad    0.268  RD4AD loop, regions labelled once               4.14       15x
-    p_auroc      0.966  sklearn roc_auc_score                           8.94        9x
-    p_ap         1.021  sklearn average_precision_score                 7.01        7x
-    evaluate     1.419  (all seven metrics, shared sort and regions)
+    aupro        0.189  loop, 200 thresholds (approximate)              1.31        7x
+    aupro        0.183  loop, every distinct score (exact; extrapolated) 45583  248751x
+    pro_rd4ad    0.094  RD4AD loop, regions labelled per threshold      6.86       73x
+    pro_rd4ad    0.089  RD4AD loop, regions labelled once               1.40       16x
+    p_auroc      0.320  sklearn roc_auc_score                           2.91        9x
+    p_ap         0.317  sklearn average_precision_score                 1.56        5x
+    evaluate     0.466  (all seven metrics, shared sort and regions)
 
 Values agree to 1e-6 with each exact reference (AUPRO 0.426292; the 200-threshold loop gives
 0.426177, which is why it is called approximate).
