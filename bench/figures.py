@@ -284,13 +284,14 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
                              layout="constrained")
         for ax in axes.flat[len(names):]:
             ax.set_visible(False)
-        for ax, name in zip(axes.flat, names):
+        for index, (ax, name) in enumerate(zip(axes.flat, names)):
             curves = []
-            for _run, series in sorted(items, key=lambda it: (it[0].category, it[0].seed)):
+            for run, series in sorted(items, key=lambda it: (it[0].category, it[0].seed)):
                 if name not in series:
                     continue
                 x, values = series[name]
-                ax.plot(x, values, lw=0.8, alpha=0.5, marker="." if len(values) < 30 else None)
+                ax.plot(x, values, lw=0.8, alpha=0.5, marker="." if len(values) < 30 else None,
+                        label=f"{run.category} ({_seed_text(run.seed)})")
                 curves.append((x, values))
             length = min(len(c[1]) for c in curves)
             if len(curves) > 1 and length:
@@ -299,6 +300,7 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
                     mean = np.nanmean(np.stack([c[1][:length] for c in curves]), axis=0)
                 ax.plot(curves[0][0][:length], mean, color="black", lw=2, label="mean",
                         marker="." if length < 30 else None)
+            if index == 0:  # one legend names the runs' lines for every panel
                 ax.legend(fontsize=7)
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("epoch")
@@ -309,6 +311,13 @@ def diagnostics(runs, out_dir: Path, notes: list[str]) -> list[tuple[str, Path]]
         save_figure(fig, stem)
         entries.append((f"Diagnostics over epochs: {label}, {setting.title}", stem))
     return entries
+
+
+def _seed_text(seed) -> str:
+    """'seed 0' for a (split, train) pair of equal seeds, else 'split 0, train 1'."""
+    if isinstance(seed, tuple) and len(seed) == 2:
+        return f"seed {seed[0]}" if seed[0] == seed[1] else f"split {seed[0]}, train {seed[1]}"
+    return f"seed {seed}"
 
 
 def _series(record: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
