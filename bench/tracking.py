@@ -10,10 +10,12 @@ invocation, one **child run per spec** with
 - metrics: ``no_overlap/i_auroc``, ``overlap/p_auroc``, ``train/i_auroc``, ... and timings
   (``timing/fit_s`` ...); per-epoch history as step metrics (``history/loss``) and diagnostics
   (``diag/<name>``), with the epoch as step;
-- artifacts: ``record.json``, the split manifest and any figures (``*.png``) in the run folder.
+- artifacts: ``record.json``, the split manifest and any figures (``*.png``) in the run folder;
+  the sweep run holds the rendered report (``report/``: tables, figures, ``report.md``).
 
 The store defaults to MLflow's SQLite backend at ``<results>/mlflow.db``; ``--tracking-uri`` or
-``MLFLOW_TRACKING_URI`` point elsewhere (e.g. ``http://host:5000``). MLflow is imported only
+``MLFLOW_TRACKING_URI`` point elsewhere (e.g. ``http://host:5000``). With a local SQLite store the
+artifacts go to ``mlartifacts/`` beside the database, not to the working directory. MLflow is imported only
 when used and its logging is kept quiet. Tracking is a convenience, never the record of truth:
 any MLflow failure prints one warning and tracking stops for the sweep; records are unaffected.
 A resumed sweep logs the completed runs that the store does not have yet (by fingerprint).
@@ -41,6 +43,21 @@ _BATCH = 100  # params/tags per log_batch call stay under MLflow's limits
 def default_tracking_uri(results: str | os.PathLike) -> str:
     """``sqlite:///<abs results>/mlflow.db`` (MLflow 3's local store)."""
     return f"sqlite:///{(Path(results).resolve() / 'mlflow.db').as_posix()}"
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """``<db dir>/mlartifacts`` as a URI for a local SQLite store, else None.
+
+    MLflow puts a new experiment's artifacts under ``./mlruns`` of whatever the working
+    directory happens to be; beside the database is where a user looks for them.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    database = Path(uri[len(prefix):])
+    if not database.is_absolute():
+        database = Path.cwd() / database
+    return (database.parent / "mlartifacts").resolve().as_uri()
 
 
 def resolve_tracking_uri(results: str | os.PathLike, uri: str | None = None) -> str:
@@ -184,8 +201,10 @@ class Tracker:
 
             client = MlflowClient(tracking_uri=self.uri)
             experiment = client.get_experiment_by_name(self.experiment)
-            self.experiment_id = (experiment.experiment_id if experiment is not None
-                                  else client.create_experiment(self.experiment))
+            self.experiment_id = (
+                experiment.experiment_id if experiment is not None
+                else client.create_experiment(self.experiment,
+                                              artifact_location=local_artifact_root(self.uri)))
             self._client = client
         return self._client
 
@@ -220,6 +239,12 @@ class Tracker:
         ])
         status = "KILLED" if summary.interrupted else ("FAILED" if summary.failed else "FINISHED")
         client.set_terminated(self.parent_id, status=status)
+
+    def log_report(self, folder: str | os.PathLike) -> None:
+        """Attach the rendered report (tables, figures, report.md) to the sweep run."""
+        if self.parent_id is not None and Path(folder).is_dir():
+            self._guard("log report", lambda: self._connect().log_artifacts(
+                self.parent_id, str(folder), "report"))
 
     # -- runs
     def log_run(self, record: Mapping[str, Any], folder: str | os.PathLike) -> str | None:

@@ -127,3 +127,30 @@ def test_uri_precedence_and_flattening(tmp_path, monkeypatch):
     record = {"history": {"epoch": [0, 1], "loss": [2.0, None]},
               "diagnostics": {"epoch": [1], "auroc": [0.9]}}
     assert step_metrics(record) == [("history/loss", 2.0, 0), ("diag/auroc", 0.9, 1)]
+
+
+def test_local_store_keeps_artifacts_beside_the_database(synthetic_root, tmp_path, monkeypatch):  # noqa: F811
+    """Artifacts of a local SQLite store land in <db dir>/mlartifacts, never in the cwd."""
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "results"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    store.mkdir()
+    tracker = Tracker(uri, "unit", sweep_info={"name": "local", "preset": "unit"})
+    run_sweep([make_spec(synthetic_root)], store, options=JobOptions(device="cpu"),
+              tracker=tracker, progress=False)
+    report = store / "report"
+    report.mkdir()
+    (report / "report.md").write_text("# report\n")
+    tracker.log_report(report)
+    assert tracker.enabled
+    assert not (elsewhere / "mlruns").exists()
+    assert (store / "mlartifacts").is_dir()
+    client = MlflowClient(tracking_uri=uri)
+    assert [a.path for a in client.list_artifacts(tracker.parent_id, "report")] == [
+        "report/report.md"]
+    logged = list((store / "mlartifacts").rglob("record.json"))
+    assert len(logged) == 1

@@ -152,6 +152,8 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     if not args.no_report:
         report, failed = render_report(results)
         code = code or failed
+        if report is not None and tracker is not None:
+            tracker.log_report(report.parent)
     print(f"results: {results}", file=out)
     if report is not None:
         print(f"report:  {report} (tables and figures beside it)", file=out)
