@@ -211,12 +211,50 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mb(device) -> tuple[float, str]:
-    """Peak GPU memory allocated by torch on CUDA; else the process's peak resident set."""
+def _reset_peak_memory(device) -> bool:
+    """Start a fresh peak for this run; True when the CPU peak could be reset.
+
+    On CUDA torch's counter is reset. On Linux writing "5" to ``/proc/self/clear_refs`` resets
+    the process's high-water mark (VmHWM), so a worker that runs several specs in turn reports
+    each run's own peak rather than the largest so far.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _vm_hwm_kib() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_kib() -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_memory_mb(device, reset: bool) -> tuple[float, str]:
+    """Peak GPU memory allocated by torch on CUDA; else the peak resident set.
+
+    ``run_peak_rss`` when the peak was reset at the start of the run (Linux), otherwise the
+    process's lifetime peak (``process_max_rss``), which can include earlier runs.
+    """
     import torch
 
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    hwm = _vm_hwm_kib() if reset else None
+    if hwm is not None:
+        return hwm / 2**10, "run_peak_rss"
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 2**10  # bytes on macOS, KiB on Linux
     return rss_kb * scale, "process_max_rss"
@@ -286,8 +324,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     from datasets.splits import manifest_bytes
     from methods.base import TrainSet, build_method
 
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak_reset = _reset_peak_memory(device)
     torch.manual_seed(spec.train_seed)
     np.random.seed(spec.train_seed % 2**32)
 
@@ -348,7 +385,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     train_masks = load_masks(split.train, preprocess, cache)
     metrics["train"] = _metrics_or_nan(evaluate, train_scores, injected.astype(np.uint8),
                                        np.asarray(train_pred.maps, dtype=np.float32), train_masks)
-    peak_mb, peak_kind = _peak_memory_mb(device)
+    peak_mb, peak_kind = _peak_memory_mb(device, peak_reset)
 
     history, diagnostics = observer.as_dict()
     record = {

@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +138,16 @@ def test_run_one_trains_once_and_evaluates_both_protocols(synthetic_root):
     assert record["metrics"]["no_overlap"]["i_auroc"] == pytest.approx(ref["i_auroc"])
     manifest = json.loads(result.manifest)
     assert len(manifest["train"]) == 12
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_cpu_peak_memory_is_the_runs_own(synthetic_root):
+    """A worker that held a large array earlier does not report that peak for a later run."""
+    big = np.ones(2 * 2**30 // 8)  # 2 GiB, touched
+    del big
+    record = run_one(make_spec(synthetic_root), JobOptions(device="cpu")).record
+    assert record["timings"]["peak_mem_kind"] == "run_peak_rss"
+    assert 0 < record["timings"]["peak_mem_mb"] < 2048
 
 
 def test_a_raising_method_is_recorded_and_the_sweep_goes_on(synthetic_root, tmp_path):
