@@ -2,7 +2,8 @@
 
 - Noise-ratio curves as in Fig. 3 / A5: per dataset, the category-averaged I-AUC, P-AUC and PRO
   against the noise ratio, one line per method (RD against CDD, and any other method present),
-  both protocols, mean with a ±1 std band over seeds.
+  both protocols, mean with a ±1 std band over seeds. A point that averages fewer categories
+  than the method's curve has elsewhere is drawn hollow and named in the notes.
 - Anomaly-score histograms as in Fig. 4 / A7: per category, training images split into normal
   and injected, test images (No-overlap set) into normal and anomalous, one column per method.
 - Anomaly-map grids as in Fig. 5 / A6: a few anomalous No-overlap test images, their ground
@@ -122,31 +123,45 @@ def noise_curves(runs, out_dir: Path, pro: str, notes: list[str]) -> list[tuple[
         if len(ratios) < 2:
             continue
         labels = sorted({r.label for r in gruns}, key=_order)
+        # A point that averages fewer categories than the curve's others is not comparable
+        # with them: it is drawn hollow and named in the notes.
+        categories = {label: {r.category for r in gruns if r.label == label} for label in labels}
+        partial = set()
         fig, axes = plt.subplots(2, len(metrics), figsize=(4.2 * len(metrics), 6.4),
                                  squeeze=False, layout="constrained")
         for i, protocol in enumerate(("no_overlap", "overlap")):
             for j, metric in enumerate(metrics):
                 ax = axes[i][j]
                 for label in labels:
-                    xs, means, stds = [], [], []
+                    xs, means, stds, hollow = [], [], [], []
                     for ratio in ratios:
-                        per_seed = defaultdict(list)
+                        per_seed, present = defaultdict(list), set()
                         for run in gruns:
                             if run.label == label and math.isclose(run.setting.noise_ratio,
                                                                    ratio):
                                 value = run.value(protocol, metric)
                                 if value is not None:
                                     per_seed[run.seed].append(value)
+                                    present.add(run.category)
                         if not per_seed:
                             continue
                         seed_means = [statistics.fmean(v) for v in per_seed.values()]
                         xs.append(ratio)
                         means.append(statistics.fmean(seed_means))
                         stds.append(statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0)
+                        missing = categories[label] - present
+                        hollow.append(bool(missing))
+                        if missing:
+                            partial.add((label, ratio, len(present), len(categories[label]),
+                                         ", ".join(sorted(missing))))
                     if not xs:
                         continue
-                    xs, means, stds = map(np.asarray, (xs, means, stds))
+                    xs, means, stds, hollow = map(np.asarray, (xs, means, stds, hollow))
                     (line,) = ax.plot(xs, means, marker="o", label=label)
+                    if hollow.any():
+                        ax.plot(xs[hollow], means[hollow], linestyle="none", marker="o",
+                                markersize=9, markerfacecolor="white",
+                                markeredgecolor=line.get_color())
                     ax.fill_between(xs, means - stds, means + stds, alpha=0.2,
                                     color=line.get_color())
                 name = {"i_auroc": "I-AUC", "p_auroc": "P-AUC"}.get(metric, f"PRO ({metric})")
@@ -158,6 +173,10 @@ def noise_curves(runs, out_dir: Path, pro: str, notes: list[str]) -> list[tuple[
         fig.suptitle(title + "; category mean, band = ±1 std over seeds", fontsize=10)
         stem = out_dir / f"noise_curves_{_slug(dataset)}_px{size}_{_slug(weights)}"
         save_figure(fig, stem)
+        for label, ratio, n, total, missing in sorted(partial):
+            notes.append(f"noise curves {dataset} {size} px, {label} at noise ratio {ratio:g}: "
+                         f"mean over {n} of {total} categories (hollow point; no result for "
+                         f"{missing})")
         entries.append((f"Noise-ratio curves (Fig. 3/A5-like): {dataset}, {size} px, "
                         f"teacher {weights}", stem))
     return entries

@@ -224,6 +224,8 @@ def test_figures_are_drawn_and_missing_arrays_are_skipped(tmp_path):
     # A method whose scores.npz lacks the images: histogram yes, map grid without it.
     write_record(res, "softpatch", "bottle", ratio=0.1,
                  scores=fake_scores(rng, drop=("test_images",)))
+    # RD has a second category at ratio 0 only: its 0.1 point averages fewer categories.
+    write_record(res, "rd", "carpet", ratio=0.0, seed=0, no=(0.7, 0.7, 0.6))
     out = render_report(res, tmp_path / "out")
     figs = tmp_path / "out" / "figures"
     stems = ["noise_curves_mvtec_px224_imagenet", "hist_mvtec_noise0.1_bottle",
@@ -236,6 +238,9 @@ def test_figures_are_drawn_and_missing_arrays_are_skipped(tmp_path):
     for stem in stems:
         assert f"figures/{stem}.png" in index
     assert "mvtec-noise-0 bottle cdd: no scores.npz" in index
+    assert ("noise curves mvtec 224 px, rd at noise ratio 0.1: mean over 1 of 2 categories "
+            "(hollow point; no result for carpet)") in index
+    assert "cdd at noise ratio" not in index
     assert not list(figs.glob("*.tmp")) and not list(figs.glob(".*"))
 
 
