@@ -86,7 +86,7 @@ def render_figures(runs, out_dir: Path, *, pro: str,
     by_setting = defaultdict(list)
     for run in done:
         by_setting[run.setting].append(run)
-    for setting in sorted(by_setting, key=lambda s: s.slug):
+    for setting in sorted(by_setting, key=lambda s: s.order):
         sruns = by_setting[setting]
         for category in sorted({r.category for r in sruns}):
             chosen = {}

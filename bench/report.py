@@ -85,6 +85,11 @@ class Setting:
     teacher_weights: str
 
     @property
+    def order(self) -> tuple:
+        """Reading order: dataset, then noise ratio numerically, then size and weights."""
+        return (self.dataset, self.noise_ratio, self.image_size, self.teacher_weights)
+
+    @property
     def slug(self) -> str:
         parts = [self.dataset, f"noise{self.noise_ratio:g}"]
         if self.image_size != PAPER_IMAGE_SIZE:
@@ -809,7 +814,7 @@ def missing_runs(runs: list[Run]) -> list[dict]:
     by_setting: dict[Setting, list[Run]] = defaultdict(list)
     for run in runs:
         by_setting[run.setting].append(run)
-    for setting, sruns in sorted(by_setting.items(), key=lambda kv: kv[0].slug):
+    for setting, sruns in sorted(by_setting.items(), key=lambda kv: kv[0].order):
         groups = [[r for r in sruns if ablation_table_of(r.method) is None]]
         for table in ABLATION_PREFIXES:
             groups.append([r for r in sruns if ablation_table_of(r.method) == table])
@@ -860,8 +865,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, *,
     by_setting: dict[Setting, list[Run]] = defaultdict(list)
     for run in runs:
         by_setting[run.setting].append(run)
-    settings = sorted(by_setting, key=lambda s: (s.dataset, s.noise_ratio, s.image_size,
-                                                 s.teacher_weights))
+    settings = sorted(by_setting, key=lambda s: s.order)
     table_links: list[tuple[Setting, Grid]] = []
     for setting in settings:
         sruns = by_setting[setting]
@@ -959,7 +963,7 @@ def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Set
     else:
         lines.append("No figures.")
     if figure_notes:
-        lines += ["", "Figures not drawn:", ""] + [f"- {n}" for n in figure_notes]
+        lines += ["", "Notes on the figures:", ""] + [f"- {n}" for n in figure_notes]
     lines += ["", "## Missing and failed runs", ""]
     if missing:
         lines += [f"{len(missing)} table cell(s) have no complete run; they show as "
