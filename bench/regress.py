@@ -13,27 +13,33 @@ Matching
 Baseline (JSON, or YAML when the file name ends in .yaml/.yml)::
 
     {"schema": "fuad-bench-baseline/1", "created": ISO time, "source": {...},
-     "k": 3.0, "min_tolerance": 0.005, "floors": {"i_auroc": 0.6, ...},
+     "k": 3.0, "min_tolerance": 0.005, "rule": "run", "floors": {"i_auroc": 0.6, ...},
      "metrics": [names compared], "protocols": ["no_overlap", "overlap"],
      "groups": [{"label": str, "key": {spec minus seeds}, "seeds": [[split, train], ...],
                  "stats": {protocol: {metric: {"mean", "std", "n"}}},
                  "values": {protocol: {metric: [value per seed, null if undefined]}}}]}
 
 Rule
-    For each group, protocol and metric, the mean over the group's seeds now is compared with
-    the baseline's. It regresses when it is below ``mean - max(k * std, min_tolerance)`` or
-    below the metric's absolute floor, if one is set. ``std`` is the sample standard deviation
-    of single runs over seeds (0 with one seed). When only some of the baseline's seeds have
-    results now (or extra seeds were run), both means are taken over the seeds both have, from
-    the per-seed values the baseline keeps, so that seed-to-seed differences do not shift
-    them; the std still comes from all baseline seeds. Comparing the group mean with the spread of
-    single runs is deliberately conservative: the mean of n runs varies by only std/sqrt(n),
-    but a std estimated from three seeds can itself be off by a factor of two, and CI must not
-    fail on chance. ``min_tolerance`` keeps a baseline whose std is 0 (one seed, or identical
-    runs) from failing on float noise from another BLAS or CPU. A metric that had values and
-    now has none (NaN in every run) also regresses. Baseline runs without a result now are
-    "missing" (a failed or skipped run) and fail the check unless allowed; runs not in the
-    baseline are "extra" and only reported (floors still apply to them).
+    ``rule: run`` (the default): every run of a group, i.e. every seed pair, is compared with the
+    baseline's group statistics for its protocol and metric. A run regresses when its value is
+    below ``mean - max(k * std, min_tolerance)`` or below the metric's absolute floor, if one
+    is set; the row of the group names its lowest run. ``std`` is the sample standard deviation
+    of single runs over the baseline's seeds (0 with one seed): a run is judged against the
+    spread of single runs, as the check is stated.
+
+    ``rule: mean`` (``--rule mean``): the group's mean now is compared with the baseline's mean
+    against the same threshold and floor. When only some of the baseline's seeds have results
+    now (or extra seeds were run), both means are taken over the seeds both have, from the
+    per-seed values the baseline keeps, so that seed-to-seed differences do not shift them; the
+    std still comes from all baseline seeds. This is the more forgiving rule: one bad seed
+    moves the mean by a third of its drop.
+
+    ``min_tolerance`` keeps a baseline whose std is 0 (one seed, or identical runs) from
+    failing on float noise from another BLAS or CPU. A metric that had values and now has none
+    (NaN in every run) also regresses. Baseline runs without a result now are "missing" (a
+    failed or skipped run) and fail the check unless allowed; runs not in the baseline are
+    "extra" and only reported (floors still apply to them). A run is "improved" when the
+    group mean rises above ``mean + max(k * std, min_tolerance)`` (reported, never a failure).
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ DEFAULT_K = 3.0
 # Absolute slack in metric units (all metrics are in [0, 1]): below any drop worth flagging,
 # above the float noise of re-running the same code on another machine.
 DEFAULT_MIN_TOLERANCE = 0.005
+RULES = ("run", "mean")
+DEFAULT_RULE = "run"
 SEED_FIELDS = ("split_seed", "train_seed")
 _NOT_IN_KEY = ("data_root", *SEED_FIELDS)
 
@@ -194,12 +202,12 @@ def _failed_label(record: dict) -> str:
 
 
 def build_baseline(results: Results, *, k: float = DEFAULT_K,
-                   min_tolerance: float = DEFAULT_MIN_TOLERANCE,
+                   min_tolerance: float = DEFAULT_MIN_TOLERANCE, rule: str = DEFAULT_RULE,
                    floors: Mapping[str, float] | None = None,
                    metrics: Sequence[str] = METRIC_NAMES,
                    protocols: Sequence[str] = PROTOCOLS, source: str = "") -> dict[str, Any]:
     """A baseline holding, per group, protocol and metric, the mean, std and n over seeds."""
-    _check_settings(k, min_tolerance, floors or {}, metrics, "the new baseline")
+    _check_settings(k, min_tolerance, floors or {}, metrics, "the new baseline", rule)
     if not results.groups:
         raise UserError(f"no complete run in {source or 'the results folder'}; run the sweep "
                         "before writing a baseline")
@@ -226,6 +234,7 @@ def build_baseline(results: Results, *, k: float = DEFAULT_K,
                    "commits": commits},
         "k": float(k),
         "min_tolerance": float(min_tolerance),
+        "rule": rule,
         "floors": {m: float(v) for m, v in sorted((floors or {}).items())},
         "metrics": list(metrics),
         "protocols": list(protocols),
@@ -239,7 +248,9 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def _check_settings(k: float, min_tolerance: float, floors: Mapping[str, float],
-                    metrics: Sequence[str], where: str) -> None:
+                    metrics: Sequence[str], where: str, rule: str = DEFAULT_RULE) -> None:
+    if rule not in RULES:
+        raise UserError(f"rule={rule!r} in {where} must be one of {', '.join(RULES)}")
     if not (math.isfinite(k) and k >= 0):
         raise UserError(f"k={k} in {where} must be a number >= 0 (default {DEFAULT_K})")
     if not (math.isfinite(min_tolerance) and min_tolerance >= 0):
@@ -287,7 +298,7 @@ def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"baseline {path} is not a {SCHEMA} file; rewrite it with --update")
     try:
         _check_settings(float(data["k"]), float(data["min_tolerance"]), data["floors"],
-                        data["metrics"], f"baseline {path}")
+                        data["metrics"], f"baseline {path}", data.get("rule", DEFAULT_RULE))
         for group in data["groups"]:
             if not isinstance(group["key"], dict) or not isinstance(group["stats"], dict):
                 raise TypeError("'key'/'stats' of a group")
@@ -315,6 +326,7 @@ class Row:
     threshold: float | None
     status: str
     reason: str = ""
+    lowest: float | None = None  # the lowest single run now (rule "run")
 
     @property
     def delta(self) -> float | None:
@@ -332,6 +344,7 @@ class Comparison:
     k: float
     min_tolerance: float
     allow_missing: bool = False
+    rule: str = DEFAULT_RULE
 
     @property
     def regressions(self) -> list[Row]:
@@ -342,26 +355,37 @@ class Comparison:
         return not self.regressions and (self.allow_missing or not self.missing)
 
 
-def _judge(base: Stat | None, now: Stat, k: float, min_tol: float,
-           floor: float | None) -> tuple[float | None, str, str]:
-    """Threshold, status and reason for one metric."""
+def _judge(base: Stat | None, now: Stat, k: float, min_tol: float, floor: float | None,
+           runs: Sequence[tuple[tuple[int, int], Any]] | None = None
+           ) -> tuple[float | None, str, str]:
+    """Threshold, status and reason for one metric.
+
+    ``runs`` ((seed pair, value) per run) selects the per-run rule: the lowest finite run is
+    judged; without it the group mean is.
+    """
+    tolerance = max(k * (base.std or 0.0), min_tol) if base is not None else 0.0
     lower = None
     if base is not None and base.mean is not None:
-        lower = base.mean - max(k * (base.std or 0.0), min_tol)
+        lower = base.mean - tolerance
     if floor is not None:
         lower = floor if lower is None else max(lower, floor)
     if now.mean is None:
         if base is not None and base.mean is not None:
             return lower, REGRESSED, "no value now (NaN in every run)"
         return lower, UNDEFINED, ""
-    if floor is not None and now.mean < floor:
-        return lower, REGRESSED, f"below floor {floor:g}"
+    judged, who = now.mean, "mean"
+    if runs is not None:
+        finite = [(v, seeds) for seeds, v in runs if _finite_or_none(v) is not None]
+        judged, seeds = min(finite)
+        who = f"run {tuple(seeds)} at {judged:.4f}"
+    if floor is not None and judged < floor:
+        return lower, REGRESSED, f"{who} below floor {floor:g}"
     if base is None or base.mean is None:
         return lower, NEW, ""
-    if now.mean < base.mean - max(k * (base.std or 0.0), min_tol):
+    if judged < base.mean - tolerance:
         why = "k*std" if k * (base.std or 0.0) >= min_tol else "min tolerance"
-        return lower, REGRESSED, f"below mean - {why}"
-    if now.mean > base.mean + max(k * (base.std or 0.0), min_tol):
+        return lower, REGRESSED, f"{who} below mean - {why}"
+    if now.mean > base.mean + tolerance:
         return lower, IMPROVED, ""
     return lower, OK, ""
 
@@ -385,14 +409,16 @@ def _base_stat(group: Mapping[str, Any] | None, protocol: str, metric: str,
 
 def compare(baseline: Mapping[str, Any], results: Results, *, k: float | None = None,
             min_tolerance: float | None = None, floors: Mapping[str, float] | None = None,
-            metrics: Sequence[str] | None = None, allow_missing: bool = False) -> Comparison:
+            metrics: Sequence[str] | None = None, allow_missing: bool = False,
+            rule: str | None = None) -> Comparison:
     """Compare results with a baseline; settings not given come from the baseline."""
     k = float(baseline.get("k", DEFAULT_K)) if k is None else float(k)
     min_tol = (float(baseline.get("min_tolerance", DEFAULT_MIN_TOLERANCE))
                if min_tolerance is None else float(min_tolerance))
     all_floors = {**(baseline.get("floors") or {}), **(floors or {})}
     names = list(metrics) if metrics else list(baseline.get("metrics") or METRIC_NAMES)
-    _check_settings(k, min_tol, all_floors, names, "the regression settings")
+    rule = rule or baseline.get("rule") or DEFAULT_RULE
+    _check_settings(k, min_tol, all_floors, names, "the regression settings", rule)
     protocols = list(baseline.get("protocols") or PROTOCOLS)
 
     base_groups = {key_id(g["key"]): g for g in baseline.get("groups", [])}
@@ -419,12 +445,21 @@ def compare(baseline: Mapping[str, Any], results: Results, *, k: float | None = 
             for metric in names:
                 base_stat = _base_stat(b, protocol, metric, common if partial else None)
                 stat = now.stat(protocol, metric, common if partial else None)
-                threshold, status, reason = _judge(base_stat, stat, k, min_tol,
-                                                   all_floors.get(metric))
+                # A single run is judged against the statistics of all the baseline's runs.
+                reference = _base_stat(b, protocol, metric, None) if rule == "run" else base_stat
+                # Per run: the seeds the baseline has (extra seeds are only reported); a
+                # group the baseline lacks has only floors to meet, over all its runs.
+                judged = common if common else now.seeds
+                runs = (list(zip(judged, now.values(protocol, metric, judged)))
+                        if rule == "run" else None)
+                threshold, status, reason = _judge(reference, stat, k, min_tol,
+                                                   all_floors.get(metric), runs)
+                lowest = min((_finite_or_none(v) for _, v in runs or ()
+                              if _finite_or_none(v) is not None), default=None)
                 rows.append(Row(label, protocol, metric, base_stat, stat, threshold, status,
-                                reason))
+                                reason, lowest))
     failed = [_failed_label(r) for r in results.failed]
-    return Comparison(rows, missing, extra, failed, k, min_tol, allow_missing)
+    return Comparison(rows, missing, extra, failed, k, min_tol, allow_missing, rule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,14 +476,17 @@ def _fmt_stat(stat: Stat | None) -> str:
 def format_table(comparison: Comparison, only_problems: bool = False) -> str:
     """Baseline vs now, one line per group, protocol and metric, then a summary."""
     rows = [r for r in comparison.rows if not only_problems or r.status == REGRESSED]
-    head = ("group", "protocol", "metric", "baseline", "now", "delta", "threshold", "status")
+    per_run = comparison.rule == "run"
+    head = ("group", "protocol", "metric", "baseline", "now", "delta",
+            *(("lowest run",) if per_run else ()), "threshold", "status")
     table = [head]
     for r in rows:
         delta = "-" if r.delta is None else f"{r.delta:+.4f}"
         threshold = "-" if r.threshold is None else f"{r.threshold:.4f}"
         status = r.status + (f" ({r.reason})" if r.reason else "")
+        lowest = (("-" if r.lowest is None else f"{r.lowest:.4f}",) if per_run else ())
         table.append((r.label, r.protocol, r.metric, _fmt_stat(r.base), _fmt_stat(r.now),
-                      delta, threshold, status))
+                      delta, *lowest, threshold, status))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -462,8 +500,8 @@ def format_table(comparison: Comparison, only_problems: bool = False) -> str:
             out += [f"  {item}" for item in items]
     n_reg = len(comparison.regressions)
     names = sorted({f"{r.label} {r.protocol} {r.metric}" for r in comparison.regressions})
-    summary = (f"{len(comparison.rows)} comparisons (k={comparison.k:g}, min tolerance "
-               f"{comparison.min_tolerance:g}): {n_reg} regressed, {len(comparison.missing)} "
+    summary = (f"{len(comparison.rows)} comparisons (rule {comparison.rule}, k={comparison.k:g}, "
+               f"min tolerance {comparison.min_tolerance:g}): {n_reg} regressed, {len(comparison.missing)} "
                f"missing, {len(comparison.extra)} extra")
     out.append(summary)
     out += [f"REGRESSED: {n}" for n in names]
@@ -477,12 +515,14 @@ def comparison_dict(comparison: Comparison) -> dict[str, Any]:
     """JSON-ready form of a comparison (for CI artefacts)."""
     return {
         "passed": comparison.passed,
+        "rule": comparison.rule,
         "k": comparison.k,
         "min_tolerance": comparison.min_tolerance,
         "rows": [{"group": r.label, "protocol": r.protocol, "metric": r.metric,
                   "baseline": r.base.to_dict() if r.base else None,
                   "now": r.now.to_dict() if r.now else None, "delta": r.delta,
-                  "threshold": r.threshold, "status": r.status, "reason": r.reason}
+                  "lowest_run": r.lowest, "threshold": r.threshold, "status": r.status,
+                  "reason": r.reason}
                  for r in comparison.rows],
         "missing": comparison.missing,
         "extra": comparison.extra,

@@ -133,15 +133,33 @@ def test_injected_drop_fails_naming_the_metric(sweep, capsys):
 
 
 def test_drop_within_seed_variance_passes_and_k_is_configurable(sweep, capsys):
-    # Seeds spread by 0.01, so std = 0.01: a 0.02 drop is within 3 std but not within 1.
+    # Seeds spread by 0.01 around 0.79, so std = 0.01: the lowest run after a 0.015 drop
+    # (0.765) is within 3 std of the mean but not within 1.
     results, baseline = sweep
     for seed in SEEDS:
         edit_metric(results, spec_of("rd", "a", seed), "no_overlap", "aupro",
-                    BASE["aupro"] - 0.01 * seed - 0.02)
+                    BASE["aupro"] - 0.01 * seed - 0.015)
     assert check(results, baseline) == 0
     capsys.readouterr()
     assert check(results, baseline, "--k", "1") == 1
-    assert "below mean - k*std" in capsys.readouterr().out
+    assert "run (2, 2) at 0.7650 below mean - k*std" in capsys.readouterr().out
+
+
+def test_one_bad_run_fails_the_run_rule_not_the_mean_rule(sweep, capsys):
+    # One seed drops by 0.05 (below 0.89 - 3 * 0.01); the group mean drops by only 0.017.
+    results, baseline = sweep
+    edit_metric(results, spec_of("cdd", "a", 1), "overlap", "i_auroc", BASE["i_auroc"] - 0.06)
+    capsys.readouterr()
+    assert check(results, baseline) == 1
+    out = capsys.readouterr().out
+    assert "run (1, 1) at 0.8400 below mean - k*std" in out and "rule run" in out
+    assert out.count("REGRESSED:") == 1
+    assert check(results, baseline, "--rule", "mean") == 0
+    assert "rule mean" in capsys.readouterr().out
+    # The rule is stored in the baseline by --update and read back from it.
+    assert check(results, baseline, "--update", "--rule", "mean") == 0
+    assert regress.load_baseline(baseline)["rule"] == "mean"
+    assert check(results, baseline) == 0
 
 
 def test_missing_failed_and_extra_runs_are_reported(sweep, capsys):
@@ -200,8 +218,23 @@ def test_absolute_floor(sweep, capsys):
     results, baseline = sweep
     assert check(results, baseline, "--floor", "p_ap=0.35") == 0
     capsys.readouterr()
-    assert check(results, baseline, "--floor", "p_ap=0.395") == 1  # means are 0.39
-    assert "below floor 0.395" in capsys.readouterr().out
+    assert check(results, baseline, "--floor", "p_ap=0.385") == 1  # runs 0.40, 0.39, 0.38
+    assert "run (2, 2) at 0.3800 below floor 0.385" in capsys.readouterr().out
+    assert check(results, baseline, "--floor", "p_ap=0.385", "--rule", "mean") == 0
+    capsys.readouterr()
+    assert check(results, baseline, "--floor", "p_ap=0.395", "--rule", "mean") == 1  # mean 0.39
+    assert "mean below floor 0.395" in capsys.readouterr().out
+
+
+def test_update_replaces_a_broken_baseline(sweep, capsys):
+    results, baseline = sweep
+    baseline.write_text("{not json")
+    assert check(results, baseline) == 2
+    capsys.readouterr()
+    assert check(results, baseline, "--update") == 0
+    captured = capsys.readouterr()
+    assert "is not valid json" in captured.err and "writing a new baseline" in captured.err
+    assert check(results, baseline) == 0
 
 
 def test_zero_std_uses_min_tolerance(tmp_path, capsys):

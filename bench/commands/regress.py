@@ -9,12 +9,14 @@ docs/regress.md for the matching and tolerance rules.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bench.errors import UserError
 from bench.records import METRIC_NAMES
 
-HELP = "compare results with a metric baseline (mean - k*std over seeds); --update rewrites it"
+HELP = ("compare results with a metric baseline (each run vs mean - k*std over seeds); "
+        "--update rewrites it")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baseline file (.json, or .yaml/.yml), e.g. results/baselines/ci.json")
     parser.add_argument("--k", type=float, default=None,
                         help="regress below mean - k*std (default: the baseline's, else 3)")
+    parser.add_argument("--rule", choices=regress_rules(), default=None,
+                        help="run: every run must stay above the threshold; mean: the group's "
+                             "mean must (default: the baseline's, else run)")
     parser.add_argument("--min-tol", type=float, default=None, metavar="X",
                         help="smallest tolerated drop in metric units, so std=0 survives float "
                              "noise (default: the baseline's, else 0.005)")
@@ -40,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the comparison as JSON (e.g. a CI artefact)")
     parser.add_argument("--update", action="store_true",
                         help="write a new baseline from --results to --baseline, then exit 0")
+
+
+def regress_rules() -> tuple[str, ...]:
+    from bench.regress import RULES
+
+    return RULES
 
 
 def _floors(items: list[str]) -> dict[str, float]:
@@ -62,12 +73,20 @@ def run(args: argparse.Namespace) -> int:
 
     floors = _floors(args.floor)
     results = regress.Results.load(args.results)
-    old = regress.load_baseline(args.baseline) if (not args.update
-                                                   or args.baseline.is_file()) else None
+    old = None
+    if not args.update:
+        old = regress.load_baseline(args.baseline)
+    elif args.baseline.is_file():
+        try:
+            old = regress.load_baseline(args.baseline)
+        except UserError as err:  # --update is the way out of a broken baseline
+            problem = str(err).split("; ")[0]  # drop the advice: --update is what runs now
+            print(f"warning: {problem}; nothing to compare with, writing a new baseline",
+                  file=sys.stderr)
     if old is not None:
         comparison = regress.compare(old, results, k=args.k, min_tolerance=args.min_tol,
                                      floors=floors, metrics=args.metrics,
-                                     allow_missing=args.allow_missing)
+                                     allow_missing=args.allow_missing, rule=args.rule)
         print(regress.format_table(comparison, only_problems=args.only_problems))
         if args.json:
             write_json_atomic(args.json, regress.comparison_dict(comparison))
@@ -78,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             k=args.k if args.k is not None else float(previous.get("k", regress.DEFAULT_K)),
             min_tolerance=(args.min_tol if args.min_tol is not None else
                            float(previous.get("min_tolerance", regress.DEFAULT_MIN_TOLERANCE))),
+            rule=args.rule or previous.get("rule") or regress.DEFAULT_RULE,
             floors={**(previous.get("floors") or {}), **floors},
             metrics=args.metrics or previous.get("metrics") or METRIC_NAMES,
             source=str(args.results))
