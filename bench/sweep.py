@@ -22,7 +22,9 @@ A preset file holds::
 
 Config precedence, lowest first: the preset's ``config`` defaults (applied to each method that
 has the field), the method preset's registered overrides (an ablation row stays what it is),
-the method entry's ``config``, then ``--set`` from the command line. Every value is type-checked
+the method entry's ``config``, then ``--set`` from the command line (``--set KEY=V`` applies to
+every method with the field, like the preset's defaults; ``--set METHOD.KEY=V`` to one method;
+a key that no method of the sweep has is an error). Every value is type-checked
 against the method's config dataclass (:func:`methods.base.make_config`), and the spec keeps the
 coerced values, so ``--set epochs=5`` and ``epochs: 5`` give the same fingerprint.
 
@@ -258,6 +260,7 @@ def expand(
                             f"methods: {', '.join(e.name for e in entries)}")
     configs = {e.name: _method_config(e, preset, set_map) for e in entries}
     _check_defaults_used(preset, entries)
+    _check_global_sets_used(set_map.get(None, {}), entries)
 
     ratios = [float(r) for r in (noise_ratios if noise_ratios is not None else preset.noise_ratios)]
     for ratio in ratios:
@@ -315,12 +318,25 @@ def _method_config(entry: MethodEntry, preset: Preset, set_map) -> dict[str, Any
     for target in (None, base, entry.name):
         for key, value in set_map.get(target, {}).items():
             if key not in fields:
-                hint = "" if target else f" (use --set METHOD.{key}=VALUE for one method)"
-                raise UserError(f"--set {key}: method {entry.name!r} ({base}) has no config field "
-                                f"{key!r}; fields: {', '.join(sorted(fields))}{hint}")
+                if target is None:  # a sweep-wide --set skips methods without the field
+                    continue
+                raise UserError(f"--set {target}.{key}: method {entry.name!r} ({base}) has no "
+                                f"config field {key!r}; fields: {', '.join(sorted(fields))}")
             merged[key] = value
     config = make_config(base, merged)
     return {key: canonical_value(getattr(config, key)) for key in sorted(merged)}
+
+
+def _check_global_sets_used(sets: Mapping[str, Any], entries: list[MethodEntry]) -> None:
+    """A sweep-wide ``--set KEY`` that no method of the sweep has is a typo: say so."""
+    fields = set()
+    for entry in entries:
+        fields |= {f.name for f in config_fields(resolve_method(entry.name)[0])}
+    unused = sorted(set(sets) - fields)
+    if unused:
+        names = ", ".join(e.name for e in entries)
+        raise UserError(f"--set {unused[0]}: no method of this sweep ({names}) has a config field "
+                        f"{unused[0]!r}; see `run_benchmark.py list` for each method's fields")
 
 
 def _check_defaults_used(preset: Preset, entries: list[MethodEntry]) -> None:

@@ -71,13 +71,17 @@ def test_overrides_are_type_checked_and_canonical():
                        check_data=False)
     assert from_cli[0].config["epochs"] == 7 and isinstance(from_cli[0].config["epochs"], int)
     assert from_cli[0].fingerprint == from_yaml[0].fingerprint
-    with pytest.raises(UserError, match="no config field 'epoch'"):
+    with pytest.raises(UserError, match="no method of this sweep .* has a config field 'epoch'"):
         expand(preset, categories=["bottle"], sets=["epoch=3"], check_data=False)
     with pytest.raises(UserError, match="expected an integer"):
         expand(preset, categories=["bottle"], sets=["epochs=many"], check_data=False)
-    # epochs exists in rd and cdd but not in softpatch: say how to target one method.
-    with pytest.raises(UserError, match="METHOD.epochs"):
-        expand(preset, categories=["bottle"], sets=["epochs=3"], check_data=False)
+    # epochs exists in rd and cdd but not in softpatch: a sweep-wide --set reaches those that
+    # have it, and a SoftPatch field reaches SoftPatch alone.
+    both = expand(preset, categories=["bottle"], sets=["epochs=3", "lof_k=6"], check_data=False)
+    assert {s.method: (s.config.get("epochs"), s.config.get("lof_k")) for s in both} == {
+        "rd": (3, None), "cdd": (3, None), "softpatch": (None, 6)}
+    with pytest.raises(UserError, match="rd.lof_k: method 'rd'"):
+        expand(preset, categories=["bottle"], sets=["rd.lof_k=6"], check_data=False)
     cdd_only = expand(preset, categories=["bottle"], sets=["cdd.epochs=3"], check_data=False)
     assert {s.method: s.config["epochs"] for s in cdd_only if "epochs" in s.config} == \
         {"rd": 200, "cdd": 3}
