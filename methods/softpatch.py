@@ -41,6 +41,8 @@ from methods.backbones import build_teacher, check_backbone, weights_id
 from methods.base import EpochObserver, Method, Prediction, TrainSet, register_method
 
 STATE_FORMAT = "softpatch-bank/1"
+# Config fields that change speed and memory, never a result: a saved bank loads whatever they are.
+_RESULT_NEUTRAL_FIELDS = ("batch_size", "budget_mb")
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,11 @@ class SoftPatch(Method):
             bank[rows] = emb.index_select(0, selected[rows] - start * n_per_image)
         self._set_bank(bank, None if weights is None else weights[selected])
         gather_s = self._clock() - timer
+        if cfg.num_nn > bank.shape[0]:  # say so now, not after the test set is loaded
+            raise UserError(
+                f"{self.name}: num_nn={cfg.num_nn} exceeds the memory bank ({bank.shape[0]} "
+                f"patches); lower num_nn or raise coreset_ratio"
+            )
 
         stats.update(
             n_patches=float(n_patches),
@@ -340,14 +347,19 @@ class SoftPatch(Method):
         return scores.view(batch, height, width)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 32) -> Prediction:
-        """Image scores (max weighted patch score) and smoothed maps at the input size."""
+    def predict(self, images: torch.Tensor, batch_size: int | None = None) -> Prediction:
+        """Image scores (max weighted patch score) and smoothed maps at the input size.
+
+        ``batch_size`` defaults to the config's, so lowering it to fit a small GPU bounds
+        inference as well as fitting.
+        """
         _check_images(images, f"{self.name}.predict")
         if self.bank is None:
             raise RuntimeError(f"{self.name}: predict called before fit or load_state_dict")
         out_size = tuple(images.shape[-2:])
         scores, maps = [], []
-        for start, stop in self._batches(images.shape[0], max(1, int(batch_size))):
+        step = max(1, int(batch_size or self.config.batch_size))
+        for start, stop in self._batches(images.shape[0], step):
             grid = self.patch_scores(images[start:stop])
             scores.append(grid.flatten(1).amax(1).float().cpu())
             upsampled = F.interpolate(
@@ -390,6 +402,8 @@ class SoftPatch(Method):
             )
         mine = dataclasses.asdict(self.config)
         for key, value in mine.items():
+            if key in _RESULT_NEUTRAL_FIELDS:
+                continue
             saved = state["config"].get(key)
             if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (
                 list(value) if isinstance(value, tuple) else value

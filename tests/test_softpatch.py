@@ -276,6 +276,11 @@ def test_state_dict_round_trip_and_mismatch(fitted, tmp_path):
     np.testing.assert_array_equal(a.maps, b.maps)
     with pytest.raises(UserError, match="lof_k"):
         tiny(lof_k=7).load_state_dict(method.state_dict())
+    # Speed and memory settings do not change a bank: it loads, and predicts the same.
+    lean = tiny(batch_size=2, budget_mb=1.0)
+    lean.load_state_dict(method.state_dict())
+    c = lean.predict(train.images[:3])
+    np.testing.assert_allclose(c.scores, a.scores, rtol=1e-4)
     with pytest.raises(UserError, match="teacher"):
         tiny(teacher_weights="random:1").load_state_dict(method.state_dict())
     with pytest.raises(UserError, match="not a patchcore"):
@@ -332,10 +337,9 @@ def test_defaults_and_config_errors():
         tiny().fit(TrainSet(random_images(1, 32, 0), ("x",)))
     with pytest.raises(RuntimeError):
         tiny().predict(random_images(1, 32, 0))
-    few = tiny("patchcore", num_nn=50)
-    few.fit(TrainSet(random_images(2, 32, 0), ("a", "b")))  # 32 patches -> bank of 3
-    with pytest.raises(UserError, match="num_nn=50"):
-        few.predict(random_images(1, 32, 0))
+    # 32 patches -> bank of 3: said at the end of fit, before any test image is loaded.
+    with pytest.raises(UserError, match="num_nn=50 exceeds the memory bank"):
+        tiny("patchcore", num_nn=50).fit(TrainSet(random_images(2, 32, 0), ("a", "b")))
 
 
 @pytest.mark.parametrize("kind, n_defect", [("nearest", 1), ("gaussian", 2)])
@@ -348,3 +352,4 @@ def test_other_discriminators_flag_defective_training_images(kind, n_defect):
     top = np.argsort(logs[0]["patch_noise_max"])[-n_defect:]
     assert sorted(top.tolist()) == list(range(15, 15 + n_defect))
     assert (method.bank_weight >= 1).all()  # distance + 1
+
