@@ -31,7 +31,11 @@ from bench.errors import UserError
 
 @dataclass(frozen=True)
 class TrainSet:
-    """Training images as the method sees them: pixels and stable names, nothing else."""
+    """Training images as the method sees them: pixels and stable names, nothing else.
+
+    The runner passes opaque names (``train-00000``, ... in the split's shuffled order), never
+    file paths, which would give away the injected images (they live under ``test/``).
+    """
 
     images: torch.Tensor  # uint8, (N, 3, H, W)
     names: tuple[str, ...]

@@ -49,6 +49,7 @@ class MeanDiff(Method):
         if self.config.fail_in_fit:
             raise RuntimeError("deliberate failure in fit")
         self.mean = train.images.float().mean(0)
+        MeanDiff.last_names = train.names
         for epoch in range(self.config.epochs):
             if observer is not None:
                 spread = (train.images.float() - self.mean).abs().mean((1, 2, 3)).numpy()
@@ -138,6 +139,8 @@ def test_run_one_trains_once_and_evaluates_both_protocols(synthetic_root):
     assert record["metrics"]["no_overlap"]["i_auroc"] == pytest.approx(ref["i_auroc"])
     manifest = json.loads(result.manifest)
     assert len(manifest["train"]) == 12
+    # The method sees opaque names: a file path would say which images came from test/.
+    assert MeanDiff.last_names == tuple(f"train-{i:05d}" for i in range(12))
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
