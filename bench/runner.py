@@ -550,14 +550,16 @@ class SweepSummary:
         out = [f"{len(self.ok)} ok, {len(self.failed)} failed, {len(self.skipped)} skipped "
                f"(already done) of {self.total} runs in {self.elapsed_s:.0f} s"]
         for spec, error in self.failed:
+            # A UserError's line says what to do (often with a path): never cut it.
+            limit = None if error.get("type") == "UserError" else 200
             out.append(f"  FAILED {spec.label} [{spec.fingerprint[:12]}]: "
-                       f"{error.get('type')}: {_first_line(error.get('message', ''))}")
+                       f"{error.get('type')}: {_first_line(error.get('message', ''), limit)}")
         return out
 
 
-def _first_line(text: str, limit: int = 200) -> str:
+def _first_line(text: str, limit: int | None = 200) -> str:
     line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 
 
 def run_sweep(
@@ -598,8 +600,10 @@ def run_sweep(
                 summary.ok.append(spec)
             else:
                 summary.failed.append((spec, result.record.get("error") or {}))
-                bar.write(f"failed: {spec.label}: {result.record['error']['type']}: "
-                          f"{_first_line(result.record['error']['message'])}", file=sys.stderr)
+                error = result.record["error"]
+                limit = None if error["type"] == "UserError" else 200
+                bar.write(f"failed: {spec.label}: {error['type']}: "
+                          f"{_first_line(error['message'], limit)}", file=sys.stderr)
             if tracker is not None:
                 tracker.log_run(result.record, folder)
             bar.update(1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.error
 from collections.abc import Mapping
 from pathlib import Path
@@ -202,8 +203,8 @@ def build_teacher(backbone: str, weights: str) -> Teacher:
         return Teacher(backbone, net, weights_id(backbone, weights))
     net = constructor(weights=None)
     if weights == "imagenet":
-        state = _imagenet_state_dict(backbone)
-        net.load_state_dict(state)
+        state = _imagenet_state_dict(backbone, net)
+        net.load_state_dict(state, strict=False)
         return Teacher(backbone, net, weights_id(backbone, "imagenet"))
     path = _existing_file(weights)
     state = _load_state_file(path)
@@ -216,27 +217,48 @@ def build_teacher(backbone: str, weights: str) -> Teacher:
 # Weight loading helpers.
 
 
-def _imagenet_state_dict(backbone: str) -> Mapping[str, torch.Tensor]:
-    """torchvision's IMAGENET1K_V1 state_dict via torch.hub's cache, downloading if needed."""
+def imagenet_sha256_prefix(backbone: str) -> str:
+    """The SHA-256 prefix torchvision puts in the weight file's name (``resnet18-f37072fd.pth``)."""
+    match = re.search(r"-([a-f0-9]+)\.", imagenet_cache_path(backbone).name)
+    if match is None:  # every torchvision IMAGENET1K_V1 URL carries one
+        raise RuntimeError(f"no hash in {imagenet_cache_path(backbone).name}")
+    return match.group(1)
+
+
+def _imagenet_state_dict(backbone: str, net: nn.Module) -> Mapping[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V1 state_dict from torch.hub's cache, downloading if needed.
+
+    A file already in the cache is checked too (torch.hub checks only what it downloads): its
+    SHA-256 must start with the prefix in its name, so a stray file put there by hand is never
+    taken for the ImageNet teacher.
+    """
     enum = _IMAGENET_WEIGHTS[backbone]
     target = imagenet_cache_path(backbone)
-    try:
-        return torch.hub.load_state_dict_from_url(
-            enum.url, model_dir=str(target.parent), progress=False, check_hash=True,
-            weights_only=True,
+    prefix = imagenet_sha256_prefix(backbone)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, str(target), hash_prefix=prefix,
+                                           progress=False)
+        except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as err:
+            raise UserError(
+                f"cannot get ImageNet weights for {backbone} ({type(err).__name__}: {err}); "
+                f"download {enum.url} and put it at {target}, or use teacher weights 'random' "
+                f"or a local state_dict file"
+            ) from None
+        except RuntimeError as err:  # the download's hash did not match
+            raise UserError(f"downloading {enum.url} failed its hash check ({err}); try again"
+                            ) from None
+    digest = _file_sha256(target)
+    if not digest.startswith(prefix):
+        raise UserError(
+            f"cached ImageNet weights {target} are not torchvision's file (sha256 starts "
+            f"{digest[:len(prefix)]}, the name says {prefix}); delete it and download {enum.url} "
+            f"again, or pass your file itself as the teacher weights (a path)"
         )
-    except (urllib.error.URLError, OSError, ConnectionError, TimeoutError) as err:
-        raise UserError(
-            f"cannot get ImageNet weights for {backbone} ({type(err).__name__}: {err}); "
-            f"download {enum.url} and put it at {target}, or use teacher weights 'random' "
-            f"or a local state_dict file"
-        ) from None
-    except RuntimeError as err:
-        # check_hash failure or a truncated file in the cache.
-        raise UserError(
-            f"cached ImageNet weights {target} are unreadable or corrupt ({err}); delete the "
-            f"file and download {enum.url} again"
-        ) from None
+    state = _load_state_file(target)
+    _check_state_dict(state, net, backbone, target)
+    return state
 
 
 def _existing_file(weights: str) -> Path:
@@ -249,12 +271,20 @@ def _existing_file(weights: str) -> Path:
     return path
 
 
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, remembered per (path, size, mtime): a sweep builds many teachers."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def _load_state_file(path: Path) -> Mapping[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Teacher backbones: shapes, freezing, normalisation and the three kinds of weights."""
 
+import hashlib
 import urllib.error
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 import torchvision
 
 from bench.errors import UserError
+from methods import backbones
 from methods.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -173,6 +175,29 @@ def test_imagenet_uses_the_torch_hub_cache(tmp_path, monkeypatch):
     path = imagenet_cache_path("resnet18")
     path.parent.mkdir(parents=True)
     torch.save(state, path)
+    # Not torchvision's file: its SHA-256 does not start with the prefix in the name.
+    with pytest.raises(UserError, match="are not torchvision's file") as err:
+        build_teacher("resnet18", "imagenet")
+    assert "the name says f37072fd" in str(err.value) and "\n" not in str(err.value)
+    # A file whose hash does match (this one, declared so) is loaded from the cache.
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(backbones, "imagenet_sha256_prefix", lambda backbone: digest[:8])
     teacher = build_teacher("resnet18", "imagenet")
     assert teacher.weights_id == "imagenet:IMAGENET1K_V1"
     assert torch.equal(teacher.conv1.weight, state["conv1.weight"])
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle", "wrong keys"])
+def test_a_broken_cached_imagenet_file_is_one_line(tmp_path, monkeypatch, content):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = imagenet_cache_path("resnet18")
+    path.parent.mkdir(parents=True)
+    if content == "wrong keys":
+        torch.save({"conv1.weight": torch.zeros(1)}, path)
+    else:
+        path.write_bytes(content)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setattr(backbones, "imagenet_sha256_prefix", lambda backbone: digest[:8])
+    with pytest.raises(UserError) as err:
+        build_teacher("resnet18", "imagenet")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

@@ -153,6 +153,19 @@ def test_cpu_peak_memory_is_the_runs_own(synthetic_root):
     assert 0 < record["timings"]["peak_mem_mb"] < 2048
 
 
+def test_summary_keeps_a_user_error_whole_and_cuts_tracebacks(synthetic_root):
+    from bench.runner import SweepSummary
+
+    spec = make_spec(synthetic_root)
+    advice = "put it at /a/long/path/" + "x" * 300 + ".pth"
+    summary = SweepSummary(total=2, failed=[
+        (spec, {"type": "UserError", "message": advice}),
+        (spec, {"type": "RuntimeError", "message": "y" * 300 + "\ntraceback"}),
+    ])
+    lines = summary.lines()
+    assert lines[1].endswith(advice) and lines[2].endswith("y" * 197 + "...")
+
+
 def test_a_raising_method_is_recorded_and_the_sweep_goes_on(synthetic_root, tmp_path):
     good = make_spec(synthetic_root)
     bad = make_spec(synthetic_root, config={"fail_in_fit": True})

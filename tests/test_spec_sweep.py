@@ -146,3 +146,28 @@ def test_unknown_category_against_the_data(tmp_path, capsys):
     assert main(["run", "--preset", "demo", "--data-root", str(root), "--categories", "brick",
                  "--dry-run"]) == 0
     assert "6 runs, 0 done, 6 to run" in capsys.readouterr().out
+
+
+def test_unavailable_teacher_weights_stop_the_sweep_before_any_run(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torch
+
+    from datasets import generate_synthetic
+
+    root = generate_synthetic(tmp_path / "syn", seed=0, size=32, n_train=4, n_test_good=2,
+                              n_test_anomalous=3, categories=["brick"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    results = tmp_path / "res"
+    assert main(["run", "--preset", "demo", "--data-root", str(root), "--categories", "brick",
+                 "--teacher-weights", "imagenet", "--results", str(results), "--no-tracking",
+                 "--no-report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot get ImageNet weights for resnet18" in err[0]
+    assert "resnet18-f37072fd.pth" in err[0]  # where to put the file, uncut
+    assert not (results / "runs").exists()

@@ -120,6 +120,9 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if not (args.executor == "ray" and args.ray_address):
         resolve_device(args.device)  # fail early on --device cuda without a GPU
+        # ... and on teacher weights that cannot be had (offline, wrong file), once, not per
+        # run. A remote cluster's nodes may hold weights this machine lacks: not checked then.
+        check_teacher_weights(specs, Path(args.results), args.force)
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     name = sweep_name or preset.name
@@ -160,6 +163,29 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     if tracker is not None:
         print(f"MLflow:  {uri}\n  browse: {ui_command(uri)}", file=out)
     return code
+
+
+def check_teacher_weights(specs, results: Path, force: bool = False) -> None:
+    """Build each distinct (backbone, weights) teacher the runs still to do need, once.
+
+    Loading is where an offline ImageNet download, a file of the wrong network or a broken
+    cache shows; doing it here turns N failed runs into one line before anything starts.
+    """
+    from bench.runner import partition
+    from methods.backbones import build_teacher, random_teacher_seed
+    from methods.base import make_config, resolve_method
+
+    todo, _ = partition(specs, results, force) if results.is_dir() else (specs, [])
+    pairs = set()
+    for spec in todo:
+        if random_teacher_seed(spec.teacher_weights) is not None:
+            continue
+        base, overrides = resolve_method(spec.method)
+        backbone = getattr(make_config(base, {**overrides, **dict(spec.config)}), "backbone", None)
+        if backbone is not None:
+            pairs.add((backbone, spec.teacher_weights))
+    for backbone, weights in sorted(pairs):
+        build_teacher(backbone, weights)
 
 
 @contextlib.contextmanager
