@@ -67,6 +67,9 @@ METRIC_TITLES = {"i_auroc": "I-AUC", "p_auroc": "P-AUC", "pro_rd4ad": "PRO", "au
 PAPER_TEACHER_WEIGHTS = "imagenet"
 PAPER_IMAGE_SIZE = 224
 PAPER_EPOCHS = 200
+PAPER_BACKBONE = "wide_resnet50_2"
+# Config fields that cut training short of the paper's schedule when set.
+TRAINING_CAPS = ("max_steps", "max_steps_per_stage")
 MISSING = "—"
 AVERAGE = "Average"
 
@@ -762,6 +765,8 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     done = [r for r in runs if r.complete] or runs
     commits, devices, weights, sizes, sweeps = set(), set(), set(), set(), set()
     epochs: dict[str, set] = defaultdict(set)
+    backbones: set[str] = set()
+    caps: set[str] = set()
     split_seeds, train_seeds = set(), set()
     for run in done:
         env = run.record.get("environment") or {}
@@ -778,6 +783,9 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
         cfg = run.record.get("resolved_config") or run.record["spec"].get("config") or {}
         if "epochs" in cfg:
             epochs[run.method].add(cfg["epochs"])
+        if cfg.get("backbone"):
+            backbones.add(str(cfg["backbone"]))
+        caps |= {f"{name}={cfg[name]}" for name in TRAINING_CAPS if cfg.get(name) is not None}
         split_seeds.add(run.seed[0])
         train_seeds.add(run.seed[1])
         if run.record.get("sweep"):
@@ -787,6 +795,7 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     lines = [
         f"Commit: {', '.join(sorted(commits))}",
         f"Teacher weights: {', '.join(sorted(weights))}",
+        f"Backbone: {', '.join(sorted(backbones)) or 'not recorded'}",
         f"Image size: {', '.join(str(s) for s in sorted(sizes))} px",
         f"Epochs: {epoch_text}",
         f"Device: {', '.join(sorted(devices))}",
@@ -805,6 +814,11 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     bad_epochs = sorted({str(e) for v in epochs.values() for e in v if e != PAPER_EPOCHS})
     if bad_epochs:
         reasons.append(f"epochs {', '.join(bad_epochs)} (paper: 200)")
+    bad_backbones = sorted(b for b in backbones if b != PAPER_BACKBONE)
+    if bad_backbones:
+        reasons.append(f"backbone {', '.join(bad_backbones)} (paper: {PAPER_BACKBONE})")
+    if caps:
+        reasons.append(f"training capped by {', '.join(sorted(caps))} (paper: full epochs)")
     return lines, reasons
 
 

@@ -679,8 +679,8 @@ class ReverseDistillation(Method):
         info.update(
             backbone=self.config.backbone,
             teacher_weights_id=wid,
-            # Only the paper's backbone with ImageNet weights can be compared with its tables.
-            paper_comparable=self.config.backbone == "wide_resnet50_2"
+            # The paper's teacher (WRN50, ImageNet); the report judges the rest (size, epochs, caps).
+            paper_teacher=self.config.backbone == "wide_resnet50_2"
             and wid.startswith("imagenet:"),
         )
         return info

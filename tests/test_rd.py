@@ -234,8 +234,8 @@ def test_describe_marks_provenance():
     assert info["method"] == "rd" and info["backbone"] == "resnet18"
     # The random teacher's seed is named by its weights, not the training seed.
     assert info["teacher_weights"] == "random" and info["teacher_weights_id"] == "random:seed=0"
-    assert info["paper_comparable"] is False
-    assert ReverseDistillation().describe()["paper_comparable"] is True
+    assert info["paper_teacher"] is False
+    assert ReverseDistillation().describe()["paper_teacher"] is True
 
 
 def test_bad_image_sizes_are_user_errors():

@@ -24,7 +24,7 @@ def _metrics(i, p, pro, aupro=None):
 
 def write_record(results, method, category, *, ratio=0.1, seed=0, dataset="mvtec", no=None,
                  ov=None, status="ok", image_size=224, weights="imagenet", epochs=200,
-                 history=None, diagnostics=None, scores=None, config=None):
+                 history=None, diagnostics=None, scores=None, config=None, resolved=None):
     """One record (and optionally its scores.npz) in the layout of bench.records."""
     spec = {"method": method, "config": config or {}, "dataset": dataset, "category": category,
             "noise_ratio": ratio, "split_seed": 0, "train_seed": seed,
@@ -35,7 +35,7 @@ def write_record(results, method, category, *, ratio=0.1, seed=0, dataset="mvtec
         "schema_version": 1, "fingerprint": fp, "status": status, "spec": spec,
         "error": None if status == "ok" else {"type": "RuntimeError", "message": "boom",
                                               "traceback": ""},
-        "resolved_config": {"epochs": epochs},
+        "resolved_config": {"epochs": epochs, **(resolved or {})},
         "metrics": ({"no_overlap": _metrics(*no), "overlap": _metrics(*(ov or no)),
                      "train": {}} if status == "ok" else None),
         "environment": {"commit": "abc1234", "device": "cpu", "device_name": "cpu"},
@@ -159,6 +159,13 @@ def test_not_paper_comparable_is_loud(tmp_path):
     line = next(ln for ln in index.splitlines() if "NOT PAPER-COMPARABLE" in ln)
     assert "teacher weights random" in line and "image size 64" in line and "epochs 2" in line
     assert (tmp_path / "res" / "report" / "tables").is_dir()
+    # The paper's weights, size and epochs, but a smaller backbone and a step cap: still not.
+    write_record(tmp_path / "res2", "rd", "bottle",
+                 resolved={"backbone": "resnet18", "max_steps": 5})
+    index = render_report(tmp_path / "res2", figures=False).read_text()
+    line = next(ln for ln in index.splitlines() if "NOT PAPER-COMPARABLE" in ln)
+    assert "backbone resnet18 (paper: wide_resnet50_2)" in line
+    assert "training capped by max_steps=5" in line and "teacher weights" not in line
 
 
 def test_deltas_against_the_paper_with_full_coverage(tmp_path):
