@@ -63,3 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``regress ... | head``): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as err:
+        # A path the user gave cannot be written or read (a file where a folder should be,
+        # no permission, disk full): one line naming it, not a traceback.
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; check the path and its permissions",
+              file=sys.stderr)
+        return 2

@@ -285,6 +285,15 @@ def test_report_command_and_its_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no run records"):
         command.run(parser.parse_args(["--results", str(tmp_path / "empty")]))
+    # --out under a regular file: one line through the CLI, exit 2.
+    from bench.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["report", "--results", str(res), "--out", str(tmp_path / "afile" / "o"),
+                 "--no-figures"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile" in err[0] and err[0].startswith("error: ")
 
 
 def test_columns_name_only_the_overrides_that_differ(tmp_path):
