@@ -163,6 +163,11 @@ class CDDConfig(RDConfig):
                     f"too (all off = RD) or turn domain_construction on"
                 )
             return
+        if not self.feature_cache:
+            raise UserError(
+                f"{where}: CDD always caches teacher features (every stage reads them several "
+                f"times per epoch); feature_cache=false applies only with every switch off"
+            )
         if not self.k_schedule or any(int(k) < 2 for k in self.k_schedule):
             raise UserError(
                 f"{where} k_schedule={self.k_schedule} needs at least one K and every K >= 2 "
@@ -446,7 +451,8 @@ class CrossDomainDistillation(ReverseDistillation):
 
     Observer, after each epoch: scalars ``loss`` (mean global-student batch loss), ``steps``
     (global-student optimiser steps so far), ``r``, ``lambda``, ``K``, ``n_hc``,
-    ``domain_size_k`` and ``pick_count_k`` for k below the largest K (0 when unused),
+    ``domain_size_k`` and ``visit_pick_count_k`` (targets taken from student k, counted per
+    visit) for k below the largest K (0 when unused),
     ``loss_ds_teacher``, ``loss_ds_reg``, ``loss_cross``, ``loss_hc`` (NaN when a stage did not
     run); per_sample arrays ``confidence`` (Eq. 12 under S_glo(e-1)), ``in_hc`` (0/1) and
     ``picked`` (the student whose output was the sample's pseudo-normal target, -1 when the
@@ -470,11 +476,18 @@ class CrossDomainDistillation(ReverseDistillation):
             raise UserError("cdd: needs at least 2 training images; check the train folder")
         # BatchNorm in train mode cannot normalise one value per channel (32 px images).
         self._tiny = (h // 32) * (w // 32) == 1
+        if self._tiny and cfg.batch_size < 2:
+            raise UserError("cdd: batch_size=1 cannot train BatchNorm on 32 px images (a 1x1 "
+                            "bottleneck); use batch_size >= 2 or larger images")
         teacher = self._build_teacher()
         self.student = glo = self._new_student()
         glo_opt = self._adam(glo)
+        # S_glo(e-1)'s features sit beside the teacher's (regulariser, consensual targets):
+        # budget GPU memory for both when choosing where the cache lives.
+        keeps_ref = cfg.regularization or (cfg.pseudo_normal and cfg.selection == "consensual"
+                                           and max(cfg.k_schedule) > 2)
         cache = FeatureCache(teacher, train.images, self.device, storage=cfg.cache_device,
-                             channels_last=self._channels_last)
+                             channels_last=self._channels_last, copies=2 if keeps_ref else 1)
         self._order_gen = torch.Generator().manual_seed(self.seed)
         self._noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
         k_max = max(cfg.k_schedule)
@@ -745,7 +758,9 @@ class CrossDomainDistillation(ReverseDistillation):
         }
         for d in range(k_max):
             scalars[f"domain_size_{d}"] = float(plan.domain(d).size) if d < k else 0.0
-            scalars[f"pick_count_{d}"] = float(counts[d])
+            # Per visit (an HC sample is visited by each domain's student): not the per-sample
+            # ``pick_count_h`` of cdd_diagnostics, hence the different name.
+            scalars[f"visit_pick_count_{d}"] = float(counts[d])
         return scalars
 
     # -- persistence -------------------------------------------------------------------------

@@ -403,6 +403,8 @@ class FeatureCache:
             else CPU), ``"device"`` or ``"cpu"``. On CPU hosts everything stays on CPU.
         batch_size: images per teacher forward while filling the cache.
         channels_last: feed the teacher channels_last input (CUDA speed switch).
+        copies: how many feature sets of this size the caller will keep beside the cache
+            (CDD keeps the previous global student's); ``"auto"`` budgets for all of them.
 
     Attributes:
         feats: list of 3 float32 tensors (N, C_l, H/s_l, W/s_l) on ``storage_device``.
@@ -417,11 +419,12 @@ class FeatureCache:
         storage: Literal["auto", "device", "cpu"] = "auto",
         batch_size: int = 32,
         channels_last: bool = False,
+        copies: int = 1,
     ):
         self.device = torch.device(device)
         self.channels_last = channels_last
         n, _, h, w = images.shape
-        self.storage_device = self._choose_storage(storage, teacher.backbone, n, h, w)
+        self.storage_device = self._choose_storage(storage, teacher.backbone, n, h, w, copies)
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"
         self.feats: list[torch.Tensor] = []
         # no_grad, not inference_mode: cached tensors later feed the student's autograd graph.
@@ -440,7 +443,8 @@ class FeatureCache:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _choose_storage(self, storage: str, backbone: str, n: int, h: int, w: int) -> torch.device:
+    def _choose_storage(self, storage: str, backbone: str, n: int, h: int, w: int,
+                        copies: int = 1) -> torch.device:
         if storage == "cpu" or self.device.type != "cuda":
             return torch.device("cpu")
         if storage == "device":
@@ -449,7 +453,7 @@ class FeatureCache:
             raise UserError(f"cache_device {storage!r} must be 'auto', 'device' or 'cpu'")
         free, _ = torch.cuda.mem_get_info(self.device)
         # Leave at least half of the free memory for training activations.
-        fits = feature_bytes(backbone, n, h, w) <= free // 2
+        fits = copies * feature_bytes(backbone, n, h, w) <= free // 2
         return self.device if fits else torch.device("cpu")
 
     def __len__(self) -> int:

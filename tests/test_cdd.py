@@ -238,10 +238,33 @@ def test_config_defaults_and_validation():
         {"k_schedule": (1,)},
         {"r_normal": 1.5},
         {"selection": "best"},
+        {"feature_cache": False},  # CDD always caches; the switch would be silently ignored
     ]
     for overrides in bad:
         with pytest.raises(UserError):
             make_config("cdd", overrides)
+    all_off = {s: False for s in ("domain_construction", "confidence_guided", "regularization",
+                                  "pseudo_normal", "feature_perturbation",
+                                  "confident_distillation")}
+    assert not make_config("cdd", {**all_off, "feature_cache": False}).feature_cache  # RD's fit
+
+
+def test_batch_of_one_on_32px_images_is_one_clear_error():
+    m = build_method("cdd", {**TINY, "batch_size": 1}, teacher_weights="random")
+    with pytest.raises(UserError, match="batch_size=1 cannot train BatchNorm"):
+        m.fit(_train_set())
+
+
+def test_auto_cache_budgets_for_the_kept_global_features(monkeypatch):
+    """On a GPU, 'auto' keeps the cache on the device only if every copy CDD keeps fits."""
+    from methods.rd import FeatureCache, feature_bytes
+
+    need = feature_bytes("resnet18", 100, 64, 64)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * need, 8 * need))
+    cache = FeatureCache.__new__(FeatureCache)
+    cache.device = torch.device("cuda")
+    assert cache._choose_storage("auto", "resnet18", 100, 64, 64).type == "cuda"
+    assert cache._choose_storage("auto", "resnet18", 100, 64, 64, copies=2).type == "cpu"
 
 
 def test_presets_cover_every_table_row():
