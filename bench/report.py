@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -198,8 +199,38 @@ def load_runs(results_dir: str | Path) -> list[Run]:
             record=record,
             error=" ".join(str(error.get("message", "")).split()) if error else "",
         ))
+    runs += _planned_runs(results_dir, {r.fingerprint for r in runs})
     _assign_labels(runs)
     return runs
+
+
+PLANNED = "planned"  # the record status of a run a sweep planned that has no record yet
+
+
+def _planned_runs(results_dir: str | Path, known: set[str]) -> list[Run]:
+    """Runs listed in ``<results>/sweeps/*.json`` (written by ``run``) that have no record."""
+    from bench.spec import RunSpec
+
+    out = []
+    for path in sorted(Path(results_dir).glob("sweeps/*.json")):
+        try:
+            plan = json.loads(path.read_text(encoding="utf-8"))
+            specs = [RunSpec.from_dict(item) for item in plan["specs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a damaged plan only loses the "not run" rows
+        for spec in specs:
+            if spec.fingerprint in known:
+                continue
+            known.add(spec.fingerprint)
+            out.append(Run(
+                fingerprint=spec.fingerprint, complete=False, method=spec.method,
+                label=spec.method,
+                setting=Setting(spec.dataset, float(spec.noise_ratio), int(spec.image_size),
+                                str(spec.teacher_weights)),
+                category=spec.category, seed=(spec.split_seed, spec.train_seed), metrics={},
+                record={"spec": spec.to_dict(), "status": PLANNED},
+            ))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -842,7 +873,8 @@ def missing_runs(runs: list[Run]) -> list[dict]:
                     cell = [r for r in group if r.label == label and r.category == cat]
                     if any(r.complete for r in cell):
                         continue
-                    failed = [r for r in cell if not r.complete]
+                    failed = [r for r in cell if not r.complete
+                              and r.record.get("status") != PLANNED]
                     out.append({
                         "setting": setting.title, "category": cat, "method": label,
                         "status": "failed" if failed else "not run",
@@ -941,8 +973,11 @@ def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Set
            figures: list[tuple[str, Path]], figure_notes: list[str], missing: list[dict],
            pro: str) -> str:
     n_ok = sum(r.complete for r in runs)
+    n_planned = sum(r.record.get("status") == PLANNED for r in runs)
+    pending = f", {n_planned} planned by a sweep but not run" if n_planned else ""
     lines = ["# Benchmark report", "",
-             f"Results: `{results_dir}` — {n_ok} complete run(s), {len(runs) - n_ok} failed.", ""]
+             f"Results: `{results_dir}` — {n_ok} complete run(s), "
+             f"{len(runs) - n_ok - n_planned} failed{pending}.", ""]
     prov, reasons = provenance(runs)
     lines.append("## Provenance")
     lines.append("")

@@ -24,12 +24,13 @@ def _metrics(i, p, pro, aupro=None):
 
 def write_record(results, method, category, *, ratio=0.1, seed=0, dataset="mvtec", no=None,
                  ov=None, status="ok", image_size=224, weights="imagenet", epochs=200,
-                 history=None, diagnostics=None, scores=None, config=None, resolved=None):
+                 history=None, diagnostics=None, scores=None, config=None, resolved=None,
+                 fingerprint=None):
     """One record (and optionally its scores.npz) in the layout of bench.records."""
     spec = {"method": method, "config": config or {}, "dataset": dataset, "category": category,
             "noise_ratio": ratio, "split_seed": 0, "train_seed": seed,
             "image_size": image_size, "resize_size": 256, "teacher_weights": weights}
-    fp = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    fp = fingerprint or hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     no = no or (0.9, 0.95, 0.9)
     record = {
         "schema_version": 1, "fingerprint": fp, "status": status, "spec": spec,
@@ -151,6 +152,30 @@ def test_missing_and_failed_runs_show_as_dash_and_are_listed(tmp_path):
     assert missing == {("cable", "cdd", "failed"), ("bottle", "softpatch", "not run")}
     index = out.read_text()
     assert "2 table cell(s) have no complete run" in index
+
+
+def test_runs_a_sweep_planned_but_never_made_are_listed(tmp_path):
+    """A category no method reached is still a row: the sweep's plan names it."""
+    from bench.commands.run import write_sweep_plan
+    from bench.spec import RunSpec
+
+    res = tmp_path / "res"
+    planned = [RunSpec(method=m, config={}, dataset="mvtec", data_root="/data", category=c,
+                       noise_ratio=0.1, split_seed=0, train_seed=0, image_size=224,
+                       resize_size=256, teacher_weights="imagenet")
+               for m in ("rd", "cdd") for c in ("bottle", "zipper")]
+    write_record(res, "rd", "bottle", no=(0.9, 0.9, 0.9), fingerprint=planned[0].fingerprint)
+    write_sweep_plan(res, "paper mvtec", "paper-mvtec", planned)
+    assert (res / "sweeps" / "paper-mvtec.json").is_file()
+    out = render_report(res, tmp_path / "out", figures=False)
+    with open(tmp_path / "out" / "missing_runs.csv", newline="") as f:
+        missing = {(r["category"], r["method"], r["status"]) for r in csv.DictReader(f)}
+    assert missing == {("bottle", "cdd", "not run"), ("zipper", "rd", "not run"),
+                       ("zipper", "cdd", "not run")}
+    table = (tmp_path / "out" / "tables" / "main_mvtec_noise0.1_no_overlap.md").read_text()
+    assert "| zipper | — / — / — | — / — / — |" in table
+    index = out.read_text()
+    assert "1 complete run(s), 0 failed, 3 planned by a sweep but not run" in index
 
 
 def test_not_paper_comparable_is_loud(tmp_path):

@@ -136,6 +136,7 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
         print("  teacher: randomly initialised (seeded) -- numbers are NOT comparable with the "
               "paper; use --teacher-weights imagenet for that", file=out)
     out.flush()
+    write_sweep_plan(results, name, preset.name, specs)
     tracker = None
     if not args.no_tracking:
         tracker = Tracker(uri, name, sweep_info={
@@ -163,6 +164,26 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     if tracker is not None:
         print(f"MLflow:  {uri}\n  browse: {ui_command(uri)}", file=out)
     return code
+
+
+def write_sweep_plan(results: Path, name: str, preset: str, specs) -> Path:
+    """``<results>/sweeps/<name>.json``: every run the sweep means to make.
+
+    The report lists a planned run without a record as "not run", so a sweep stopped before it
+    reached some category shows the gap instead of a table that silently lacks the row.
+    """
+    from datetime import datetime, timezone
+
+    from bench.records import write_json_atomic
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "sweep"
+    path = results / "sweeps" / f"{slug}.json"
+    write_json_atomic(path, {
+        "name": name, "preset": preset,
+        "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "specs": [spec.to_dict() for spec in specs],
+    })
+    return path
 
 
 def check_teacher_weights(specs, results: Path, force: bool = False) -> None:
