@@ -95,6 +95,38 @@ def test_splits_writes_manifests_and_prints_the_table(synthetic_root, tmp_path, 
     assert verify_manifest(manifest, synthetic_root) == 10 + 8 + 5
 
 
+def test_splits_verify_rechecks_shared_manifests(synthetic_root, tmp_path, capsys):
+    import shutil
+
+    out_dir = tmp_path / "splits"
+    assert main(["splits", "--dataset", "synthetic", "--data-root", str(synthetic_root),
+                 "--noise-ratios", "0.2", "--out", str(out_dir)]) == 0
+    manifests = sorted(str(p) for p in out_dir.rglob("*.json"))
+    capsys.readouterr()
+    assert main(["splits", "--data-root", str(synthetic_root), "--verify", *manifests]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 manifest(s) verified" in out and "split re-drawn identically" in out
+    # Another lab's copy of the data with one changed file: that manifest fails, by name.
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    image = next((copy / "nut" / "train" / "good").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert main(["splits", "--data-root", str(copy), "--verify", *manifests]) == 1
+    out = capsys.readouterr().out
+    assert "1 of 2 manifest(s) verified" in out
+    assert f"FAILED {[m for m in manifests if '/nut/' in m][0]}" in out and "sha256" in out
+    # An edited manifest (a test image dropped) fails the re-draw.
+    path = Path([m for m in manifests if "/grass/" in m][0])
+    manifest = json.loads(path.read_text())
+    manifest["test_overlap"] = manifest["test_overlap"][1:]
+    path.write_text(json.dumps(manifest))
+    assert main(["splits", "--data-root", str(synthetic_root), "--verify", str(path)]) == 1
+    assert "test_overlap list differs" in capsys.readouterr().out
+    # Writing without --dataset etc. is one line.
+    assert main(["splits", "--data-root", str(synthetic_root)]) == 2
+    assert "needs --dataset, --noise-ratios, --out" in error_line(capsys)
+
+
 def test_infeasible_ratio_is_one_line_and_writes_nothing(synthetic_root, tmp_path, capsys):
     out_dir = tmp_path / "splits"
     rc = main(

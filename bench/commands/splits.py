@@ -1,7 +1,9 @@
 """``run_benchmark.py splits``: write noisy-split manifests and print their summary table.
 
 Every split is computed before anything is written, so an infeasible ratio stops the command
-with nothing half-done.
+with nothing half-done. ``--verify MANIFEST ...`` instead re-checks manifests (for instance ones
+shared by another lab) against the data under ``--data-root``: every file's SHA-256, and that
+the split rule, re-run on this data, draws exactly the manifest's split.
 """
 
 from __future__ import annotations
@@ -12,8 +14,14 @@ HELP = "write noisy-split manifests (SoftPatch rule, seeded, with file hashes) a
 def add_arguments(p) -> None:
     from datasets import DATASETS
 
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    p.add_argument("--dataset", choices=sorted(DATASETS), help="required unless --verify")
     p.add_argument("--data-root", required=True, help="folder that holds the category folders")
+    p.add_argument(
+        "--verify",
+        nargs="+",
+        metavar="MANIFEST",
+        help="check these manifests against the data instead of writing new ones",
+    )
     p.add_argument(
         "--categories",
         nargs="+",
@@ -24,15 +32,16 @@ def add_arguments(p) -> None:
         "--noise-ratios",
         nargs="+",
         type=float,
-        required=True,
         metavar="RATIO",
-        help="fractions of the normal training count to inject, e.g. 0.05 0.1",
+        help="fractions of the normal training count to inject, e.g. 0.05 0.1 (required unless "
+        "--verify)",
     )
     p.add_argument(
         "--seeds", nargs="+", type=int, default=[0], metavar="SEED", help="split seeds (default 0)"
     )
     p.add_argument(
-        "--out", required=True, help="folder for <dataset>/<category>/noise<r>_seed<s>.json"
+        "--out", help="folder for <dataset>/<category>/noise<r>_seed<s>.json (required unless "
+        "--verify)"
     )
     p.add_argument(
         "--cap",
@@ -78,9 +87,48 @@ def format_table(splits) -> str:
     return "\n".join(lines)
 
 
+def verify(manifests, data_root) -> int:
+    """Hash-check each manifest and re-draw its split from the data; 0 when all agree, else 1."""
+    from datasets import DataError, load_category, make_split, read_manifest, verify_manifest
+    from datasets.splits import manifest_dict
+
+    failures = 0
+    for path in manifests:
+        try:
+            manifest = read_manifest(path)
+            n_files = verify_manifest(manifest, data_root)
+            data = load_category(manifest["dataset"], data_root, manifest["category"])
+            redrawn = manifest_dict(make_split(data, float(manifest["noise_ratio"]),
+                                               int(manifest["seed"]),
+                                               cap=bool(manifest.get("capped", False))))
+            for group in ("train", "test_no_overlap", "test_overlap"):
+                if redrawn[group] != manifest[group]:
+                    raise DataError(
+                        f"split manifest {path}: its {group} list differs from the split this "
+                        f"data gives (the data has other files, or the manifest was edited)")
+        except DataError as err:
+            failures += 1
+            print(f"FAILED {path}: {err}")
+            continue
+        print(f"ok     {path}: {n_files} files match, split re-drawn identically "
+              f"({manifest['dataset']}/{manifest['category']}, noise {manifest['noise_ratio']:g}, "
+              f"seed {manifest['seed']})")
+    print(f"{len(manifests) - failures} of {len(manifests)} manifest(s) verified")
+    return 1 if failures else 0
+
+
 def run(args) -> int:
+    from bench.errors import UserError
     from datasets import list_categories, load_category, make_split, manifest_path, write_manifest
 
+    if args.verify:
+        return verify(args.verify, args.data_root)
+    absent = [flag for flag, value in (("--dataset", args.dataset),
+                                       ("--noise-ratios", args.noise_ratios),
+                                       ("--out", args.out)) if not value]
+    if absent:
+        raise UserError(f"splits needs {', '.join(absent)} to write manifests (or --verify "
+                        f"MANIFEST ... to check existing ones)")
     categories = args.categories or list_categories(args.dataset, args.data_root)
     splits = []
     for category in dict.fromkeys(categories):  # de-duplicated, order kept
