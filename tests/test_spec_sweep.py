@@ -171,3 +171,26 @@ def test_unavailable_teacher_weights_stop_the_sweep_before_any_run(tmp_path, cap
     assert len(err) == 1 and "cannot get ImageNet weights for resnet18" in err[0]
     assert "resnet18-f37072fd.pth" in err[0]  # where to put the file, uncut
     assert not (results / "runs").exists()
+
+
+def test_image_size_from_the_command_line(tmp_path, capsys):
+    from datasets import generate_synthetic
+
+    root = generate_synthetic(tmp_path / "syn", seed=0, size=32, n_train=4, n_test_good=2,
+                              n_test_anomalous=3, categories=["brick"])
+    base = ["run", "--preset", "ci", "--data-root", str(root), "--categories", "brick",
+            "--seeds", "0", "--noise-ratios", "0", "--methods", "rd", "--dry-run",
+            "--results", str(tmp_path / "res")]
+    assert main([*base, "--image-size", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "1 runs, 0 done, 1 to run" in out
+    from bench.commands.run import with_image_size
+
+    preset = load_preset("ci")
+    sized = with_image_size(preset, 128, None)
+    assert (sized.image_size, sized.resize_size) == (128, 146)  # 256/224 of the crop
+    assert with_image_size(preset, 96, 110).resize_size == 110
+    assert with_image_size(preset, None, None) is preset
+    assert main([*base, "--image-size", "128", "--resize-size", "100"]) == 2
+    assert "no larger than the resize" in capsys.readouterr().err
+

@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.commands.run import add_sweep_arguments, execute
+from bench.commands.run import add_sweep_arguments, execute, with_image_size
 
 HELP = "run the demo benchmark on synthetic data (the default command)"
 DEFAULT_DATA = Path("data") / "synthetic"
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from datasets import generate_synthetic
 
     started = time.perf_counter()
-    preset = load_preset(PRESET)
+    preset = with_image_size(load_preset(PRESET), args.image_size, args.resize_size)
     root = Path(args.data_root or DEFAULT_DATA)
     if not (root.is_dir() and any(root.iterdir())):
         print(f"writing the synthetic dataset to {root} (seed 0) ...", flush=True)

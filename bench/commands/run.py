@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import signal
 import sys
@@ -47,6 +48,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, results_default: Path =
                             metavar="MODULE", help="import MODULE first (it may register methods)")
         parser.add_argument("--dry-run", action="store_true",
                             help="list the runs and whether they are done, then stop")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help="center-crop size instead of the preset's (multiple of 32 for "
+                             "RD/CDD); the resize follows at 256/224 of it unless --resize-size")
+    parser.add_argument("--resize-size", type=int, metavar="PX",
+                        help="resize before the crop (default: the preset's, or 256/224 of "
+                             "--image-size)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--teacher-weights", help="imagenet, random (seed 0), random:N or a state_dict file")
     parser.add_argument("--executor", default="local", choices=("local", "processes", "ray"),
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.runner import import_plugins
     from bench.sweep import expand, load_preset
 
-    preset = load_preset(args.preset)
+    preset = with_image_size(load_preset(args.preset), args.image_size, args.resize_size)
     import_plugins(args.plugins)
     ensure_synthetic_data(preset, args.data_root)
     specs = expand(
@@ -80,6 +87,20 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(specs, args.results)
     return execute(preset, specs, args)
+
+
+def with_image_size(preset, image_size: int | None, resize_size: int | None):
+    """The preset with ``--image-size``/``--resize-size`` applied (PROTOCOL §3's 256 -> 224
+    proportion when only the crop is given)."""
+    if image_size is None and resize_size is None:
+        return preset
+    crop = preset.image_size if image_size is None else image_size
+    if resize_size is None:
+        resize_size = round(crop * 256 / 224) if image_size is not None else preset.resize_size
+    if crop < 1 or resize_size < crop:
+        raise UserError(f"--image-size {crop} / --resize-size {resize_size}: the crop must be "
+                        f"positive and no larger than the resize")
+    return dataclasses.replace(preset, image_size=crop, resize_size=resize_size)
 
 
 def ensure_synthetic_data(preset, data_root) -> None:
