@@ -398,3 +398,39 @@ def test_tiny_fit_through_every_preset(preset):
         clone.load_state_dict(m.state_dict())
         assert clone.config == m.config
         assert np.allclose(clone.predict(train.images[:3]).scores, pred.scores)
+
+
+@pytest.mark.parametrize("extra", [{}, {"persist_ds_adam": True, "hc_in_cross": "once"}])
+def test_domain_students_start_from_and_are_regularised_towards_the_previous_global(extra):
+    """PROTOCOL §5's easy-to-miss points: each epoch every domain-specific student starts as a
+    copy of S_glo(e-1); the regulariser's target is S_glo(e-1)'s output on the same images;
+    their Adam restarts each epoch unless persist_ds_adam."""
+    m = build_method("cdd", {**TINY, "epochs": 3}, teacher_weights="random", seed=0)
+    m.config = make_config("cdd", {**TINY, "epochs": 3, "k_schedule": (2,), **extra})
+    seen = []
+    original = m._train_domain_student
+
+    def spy(student, optimizer, domain, cache, ref, lam):
+        glo = m.student
+        for (name, p_ds), p_glo in zip(student.named_parameters(), glo.parameters()):
+            assert torch.equal(p_ds, p_glo), name  # a fresh copy of S_glo(e-1)
+        if ref is not None:
+            was_training = glo.training
+            glo.eval()
+            with torch.no_grad():
+                expected = glo(cache.get(torch.arange(len(cache))))
+            glo.train(was_training)
+            for got, want in zip(ref, expected):
+                torch.testing.assert_close(got.to(want.device), want.float(), rtol=1e-4,
+                                           atol=1e-5)
+        seen.append((optimizer, lam, ref is not None))  # the object: ids get reused
+        return original(student, optimizer, domain, cache, ref, lam)
+
+    m._train_domain_student = spy
+    logs = []
+    m.fit(_train_set(), observer=lambda e, s, p=None: logs.append(s))
+    assert len(seen) == 3 * 2 and all(math.isfinite(s["loss"]) for s in logs)
+    assert any(has_ref and lam > 0 for _, lam, has_ref in seen)  # the regulariser was on
+    optimizers = [opt for opt, _, _ in seen]
+    same = [optimizers[d] is optimizers[d + 2] is optimizers[d + 4] for d in range(2)]
+    assert same == ([True, True] if extra.get("persist_ds_adam") else [False, False])
