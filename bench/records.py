@@ -54,6 +54,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
 SCORES_FILE = "scores.npz"
+MANIFEST_FILE = "manifest.json"
 RUNS_DIR = "runs"
 PROTOCOLS = ("no_overlap", "overlap")
 # Every metric a record holds per protocol, in report order.

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.records import (
+    MANIFEST_FILE,
     METRIC_NAMES,
     RECORD_FILE,
     SCHEMA_VERSION,
@@ -47,7 +48,6 @@ from bench.records import (
 )
 from bench.spec import RunSpec
 
-MANIFEST_FILE = "manifest.json"
 FIGURE_SIZE = 64  # side of the maps/masks/images kept in scores.npz for figures
 WARMUP_IMAGES = 8  # images predicted once, untimed, before the throughput measurement
 
@@ -537,6 +537,7 @@ class SweepSummary:
     skipped: list[RunSpec] = field(default_factory=list)
     ok: list[RunSpec] = field(default_factory=list)
     failed: list[tuple[RunSpec, dict]] = field(default_factory=list)  # (spec, error)
+    reused: list[RunSpec] = field(default_factory=list)  # ok runs copied from an identical one
     elapsed_s: float = 0.0
     interrupted: bool = False
 
@@ -547,8 +548,10 @@ class SweepSummary:
         return 1 if self.failed else 0
 
     def lines(self) -> list[str]:
-        out = [f"{len(self.ok)} ok, {len(self.failed)} failed, {len(self.skipped)} skipped "
-               f"(already done) of {self.total} runs in {self.elapsed_s:.0f} s"]
+        reused = (f" ({len(self.reused)} copied from runs that train the same thing)"
+                  if self.reused else "")
+        out = [f"{len(self.ok)} ok{reused}, {len(self.failed)} failed, {len(self.skipped)} "
+               f"skipped (already done) of {self.total} runs in {self.elapsed_s:.0f} s"]
         for spec, error in self.failed:
             # A UserError's line says what to do (often with a path): never cut it.
             limit = None if error.get("type") == "UserError" else 200
@@ -572,14 +575,18 @@ def run_sweep(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    reuse: bool = True,
 ) -> SweepSummary:
     """Run every spec not already done; write and track each result as it arrives.
 
     ``executor`` is an object from :func:`bench.executors.make_executor` (local by default);
-    ``tracker`` a :class:`bench.tracking.Tracker` or None.
+    ``tracker`` a :class:`bench.tracking.Tracker` or None. With ``reuse``, specs that train the
+    same thing share one training (:mod:`bench.twins`); records on disk are reused unless
+    ``force``.
     """
     from tqdm.auto import tqdm
 
+    from bench import twins
     from bench.executors import LocalExecutor
 
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -593,21 +600,34 @@ def run_sweep(
     bar = tqdm(total=len(todo), desc=options.sweep or "sweep", unit="run", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix(failed=0)
+    plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
+
+    def store(spec: RunSpec, result: RunResult, reused: bool = False) -> None:
+        folder = write_result(results, result)
+        if result.ok:
+            summary.ok.append(spec)
+            if reused:
+                summary.reused.append(spec)
+        else:
+            summary.failed.append((spec, result.record.get("error") or {}))
+            error = result.record["error"]
+            limit = None if error["type"] == "UserError" else 200
+            bar.write(f"failed: {spec.label}: {error['type']}: "
+                      f"{_first_line(error['message'], limit)}", file=sys.stderr)
+        if tracker is not None:
+            tracker.log_run(result.record, folder)
+        bar.update(1)
+        bar.set_postfix(failed=len(summary.failed))
+
     try:
-        for spec, result in executor.run(todo, options):
-            folder = write_result(results, result)
-            if result.ok:
-                summary.ok.append(spec)
-            else:
-                summary.failed.append((spec, result.record.get("error") or {}))
-                error = result.record["error"]
-                limit = None if error["type"] == "UserError" else 200
-                bar.write(f"failed: {spec.label}: {error['type']}: "
-                          f"{_first_line(error['message'], limit)}", file=sys.stderr)
-            if tracker is not None:
-                tracker.log_run(result.record, folder)
-            bar.update(1)
-            bar.set_postfix(failed=len(summary.failed))
+        for spec, folder in plan.from_disk:
+            store(spec, twins.copy_from_disk(spec, folder, options.sweep), reused=True)
+        for spec, result in executor.run(plan.leaders, options):
+            store(spec, result)
+            for twin in plan.followers.get(spec.fingerprint, ()):
+                store(twin, twins.copy_result(result.record, twin, spec.fingerprint,
+                                              result.scores, result.manifest, options.sweep),
+                      reused=True)
     except KeyboardInterrupt:
         summary.interrupted = True
         raise

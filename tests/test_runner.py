@@ -279,3 +279,48 @@ def test_softpatch_and_patchcore_end_to_end(synthetic_root):
     assert records["softpatch"]["history"]["removed_patches"][0] > 0
     assert "removed_fraction/mean_injected" in records["softpatch"]["diagnostics"]
     assert records["patchcore"]["history"]["removed_patches"][0] == 0
+
+
+def test_specs_that_train_the_same_thing_share_one_training(synthetic_root, tmp_path,
+                                                             monkeypatch):
+    """{"epochs": 2} and {} (the default 2) differ in name only: one fit, two records."""
+    fits = []
+    original = MeanDiff.fit
+    monkeypatch.setattr(MeanDiff, "fit", lambda self, train, observer=None: (
+        fits.append(1), original(self, train, observer))[1])
+    explicit = make_spec(synthetic_root, config={"epochs": 2})
+    default = make_spec(synthetic_root, config={})
+    other = make_spec(synthetic_root, config={"epochs": 3})
+    assert explicit.fingerprint != default.fingerprint
+    summary = run_sweep([explicit, default, other], tmp_path, options=JobOptions(device="cpu"),
+                        progress=False)
+    assert len(fits) == 2 and summary.reused == [default] and len(summary.ok) == 3
+    assert "1 copied from runs that train the same thing" in summary.lines()[0]
+    records = {r["fingerprint"]: r for r in load_records(tmp_path)}
+    copy, source = records[default.fingerprint], records[explicit.fingerprint]
+    assert copy["reused_from"] == explicit.fingerprint and "reused_from" not in source
+    assert copy["spec"] == default.to_dict() and copy["metrics"] == source["metrics"]
+    for name in (SCORES_FILE, "manifest.json"):
+        assert (run_dir(tmp_path, default.fingerprint) / name).read_bytes() == \
+            (run_dir(tmp_path, explicit.fingerprint) / name).read_bytes()
+
+    # A later sweep reuses the record on disk; --no-reuse (reuse=False) trains anew.
+    again = make_spec(synthetic_root, config={"epochs": 2, "fail_in_fit": False})
+    summary = run_sweep([again], tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert len(fits) == 2 and summary.reused == [again]
+    assert load_record(run_dir(tmp_path, again.fingerprint) / RECORD_FILE)["reused_from"] == \
+        explicit.fingerprint
+    summary = run_sweep([again], tmp_path / "alone", options=JobOptions(device="cpu"),
+                        progress=False, reuse=False)
+    assert len(fits) == 3 and summary.reused == []
+
+
+def test_a_failed_leader_fails_its_twins_with_the_reason(synthetic_root, tmp_path):
+    leader = make_spec(synthetic_root, config={"fail_in_fit": True})
+    twin = make_spec(synthetic_root, config={"fail_in_fit": True, "epochs": 2})
+    summary = run_sweep([leader, twin], tmp_path, options=JobOptions(device="cpu"),
+                        progress=False)
+    assert [s for s, _ in summary.failed] == [leader, twin] and not summary.reused
+    error = summary.failed[1][1]
+    assert error["message"].startswith(f"(shares its training with run {leader.fingerprint[:12]})")
+    assert "deliberate failure in fit" in error["message"]

@@ -69,6 +69,9 @@ def add_sweep_arguments(parser: argparse.ArgumentParser, results_default: Path =
                              "sqlite:///<results>/mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--force", action="store_true", help="rerun runs that are already done")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="train every spec itself, even one that trains exactly what another "
+                             "does (e.g. the same config under two ablation-row names)")
     parser.add_argument("--no-report", action="store_true", help="do not render the report")
 
 
@@ -169,7 +172,7 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     executor = make_executor(args.executor, args.workers, args.device, args.ray_address)
     with _sigterm_as_interrupt():
         summary = run_sweep(specs, results, executor=executor, options=options, tracker=tracker,
-                            force=args.force)
+                            force=args.force, reuse=not args.no_reuse)
     for line in summary.lines():
         print(line, file=out)
     code = summary.exit_code

@@ -1,0 +1,145 @@
+"""Runs that train the same thing under different names share one training.
+
+The paper's ablation tables repeat configurations under other row names: Table 4's full CDD is
+Table 5's K=2 row and Table A2's S-curve row, Table 5's K=3 row is Table 6's Consensual row, and
+so on (six of the 23 CDD presets). A run is a pure function of its spec, so two specs whose
+methods resolve to the same registered method with the same full config, on the same data,
+split, seeds, image size and teacher, give the same result. Their **training identity** is the
+hash of exactly that.
+
+A sweep therefore trains one spec of each identity (the *leader*) and writes the others' records
+from its result (*followers*), and a later sweep reuses a complete record already in the
+results folder. A reused record is the source's, with its own spec and fingerprint and
+``reused_from: <source fingerprint>``; scores and manifest are copied. ``run --no-reuse`` (or
+``--force``, for what is already on disk) trains every spec on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.records import (
+    MANIFEST_FILE,
+    RECORD_FILE,
+    SCORES_FILE,
+    is_complete,
+    iter_records,
+    run_dir,
+)
+from bench.spec import RunSpec, canonical_value
+
+_NOT_TRAINING = ("method", "config", "data_root")  # replaced by the resolved method and config
+
+
+def _identity(base: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    body = {"method": base, "config": canonical_value(json.loads(json.dumps(resolved))),
+            **{k: v for k, v in spec.items() if k not in _NOT_TRAINING}}
+    text = json.dumps(canonical_value(body), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def training_identity(spec: RunSpec) -> str | None:
+    """The hash of what ``spec`` trains and evaluates; None when its method cannot be resolved
+    (the run then fails on its own, with its own message)."""
+    from methods.base import make_config, resolve_method
+
+    try:
+        base, overrides = resolve_method(spec.method)
+        config = make_config(base, {**overrides, **dict(spec.config)})
+    except Exception:  # noqa: BLE001 - an unknown method or bad value is the run's own error
+        return None
+    return _identity(base, _plain(dataclasses.asdict(config)), spec.to_dict())
+
+
+def record_identity(record: Mapping[str, Any]) -> str | None:
+    """The training identity of a complete record (from its spec and resolved config)."""
+    from methods.base import resolve_method
+
+    spec, resolved = record.get("spec"), record.get("resolved_config")
+    if not is_complete(record) or not isinstance(spec, Mapping) or resolved is None:
+        return None
+    try:
+        base, _ = resolve_method(str(spec["method"]))
+        return _identity(base, resolved, spec)
+    except Exception:  # noqa: BLE001 - a record of a method not registered here: not reusable
+        return None
+
+
+@dataclass
+class ReusePlan:
+    """What a sweep trains and what it copies."""
+
+    leaders: list[RunSpec] = field(default_factory=list)  # trained
+    followers: dict[str, list[RunSpec]] = field(default_factory=dict)  # leader fp -> twins
+    from_disk: list[tuple[RunSpec, Path]] = field(default_factory=list)  # (spec, source folder)
+
+    @property
+    def n_reused(self) -> int:
+        return len(self.from_disk) + sum(len(v) for v in self.followers.values())
+
+
+def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = True,
+               use_disk: bool = True) -> ReusePlan:
+    """Split the runs to do into leaders, their followers and copies of records on disk."""
+    if not enabled:
+        return ReusePlan(leaders=list(todo))
+    identities = {spec: training_identity(spec) for spec in todo}
+    on_disk: dict[str, Path] = {}
+    if use_disk and any(identities.values()):
+        wanted = set(identities.values()) - {None}
+        for record in iter_records(results):
+            ident = record_identity(record) if record.get("spec") else None
+            if ident in wanted and ident not in on_disk and not record.get("reused_from"):
+                on_disk[ident] = run_dir(results, record["fingerprint"])
+    plan = ReusePlan()
+    leader_of: dict[str, RunSpec] = {}
+    for spec in todo:
+        ident = identities[spec]
+        if ident is not None and ident in on_disk:
+            plan.from_disk.append((spec, on_disk[ident]))
+        elif ident is not None and ident in leader_of:
+            plan.followers.setdefault(leader_of[ident].fingerprint, []).append(spec)
+        else:
+            if ident is not None:
+                leader_of[ident] = spec
+            plan.leaders.append(spec)
+    return plan
+
+
+def copy_result(record: Mapping[str, Any], spec: RunSpec, source: str | Path,
+                scores: bytes | None, manifest: bytes | None, sweep: str | None):
+    """A follower's result: the source record under ``spec``'s name, files copied."""
+    from bench.runner import RunResult
+
+    new = copy.deepcopy(dict(record))
+    new.update(fingerprint=spec.fingerprint, spec=spec.to_dict(), sweep=sweep,
+               reused_from=str(source))
+    if new.get("status") != "ok" and new.get("error"):
+        new["error"] = {**new["error"], "message": f"(shares its training with run "
+                                                   f"{str(source)[:12]}) "
+                                                   f"{new['error'].get('message', '')}"}
+    return RunResult(new, scores, manifest)
+
+
+def copy_from_disk(spec: RunSpec, folder: Path, sweep: str | None):
+    """A follower's result from a complete record already in the results folder."""
+    record = json.loads((folder / RECORD_FILE).read_text(encoding="utf-8"))
+    files = [folder / name for name in (SCORES_FILE, MANIFEST_FILE)]
+    scores, manifest = (path.read_bytes() if path.is_file() else None for path in files)
+    return copy_result(record, spec, record["fingerprint"], scores, manifest, sweep)
+
