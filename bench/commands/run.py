@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         teacher_weights=args.teacher_weights, sets=[s for group in args.sets for s in group],
     )
     if args.dry_run:
-        return dry_run(specs, args.results)
+        return dry_run(specs, args.results, reuse=not args.no_reuse)
     return execute(preset, specs, args)
 
 
@@ -122,15 +122,19 @@ def ensure_synthetic_data(preset, data_root) -> None:
     generate_synthetic(root, seed=0)
 
 
-def dry_run(specs, results: Path) -> int:
+def dry_run(specs, results: Path, reuse: bool = True) -> int:
     from bench.runner import partition
+    from bench.twins import plan_reuse
 
-    _, done = partition(specs, results)
+    todo, done = partition(specs, results)
+    plan = plan_reuse(todo, results, enabled=reuse)
+    copied = {s for s, _ in plan.from_disk} | {s for v in plan.followers.values() for s in v}
     done_set = set(done)
     for spec in specs:
-        state = "done" if spec in done_set else "todo"
+        state = "done" if spec in done_set else ("copy" if spec in copied else "todo")
         print(f"{state}  {spec.fingerprint[:12]}  {spec.label}  {dict(spec.config)}")
-    print(f"{len(specs)} runs, {len(done)} done, {len(specs) - len(done)} to run")
+    reused = f" ({len(copied)} copied from a run that trains the same thing)" if copied else ""
+    print(f"{len(specs)} runs, {len(done)} done, {len(specs) - len(done)} to run{reused}")
     return 0
 
 
