@@ -211,7 +211,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reset_peak_memory(device) -> bool:
+def reset_peak_memory(device) -> bool:
     """Start a fresh peak for this run; True when the CPU peak could be reset.
 
     On CUDA torch's counter is reset. On Linux writing "5" to ``/proc/self/clear_refs`` resets
@@ -242,7 +242,7 @@ def _vm_hwm_kib() -> int | None:
     return None
 
 
-def _peak_memory_mb(device, reset: bool) -> tuple[float, str]:
+def peak_memory_mb(device, reset: bool) -> tuple[float, str]:
     """Peak GPU memory allocated by torch on CUDA; else the peak resident set.
 
     ``run_peak_rss`` when the peak was reset at the start of the run (Linux), otherwise the
@@ -324,7 +324,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     from datasets.splits import manifest_bytes
     from methods.base import TrainSet, build_method
 
-    peak_reset = _reset_peak_memory(device)
+    peak_reset = reset_peak_memory(device)
     torch.manual_seed(spec.train_seed)
     np.random.seed(spec.train_seed % 2**32)
 
@@ -387,7 +387,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     train_masks = load_masks(split.train, preprocess, cache)
     metrics["train"] = _metrics_or_nan(evaluate, train_scores, injected.astype(np.uint8),
                                        np.asarray(train_pred.maps, dtype=np.float32), train_masks)
-    peak_mb, peak_kind = _peak_memory_mb(device, peak_reset)
+    peak_mb, peak_kind = peak_memory_mb(device, peak_reset)
 
     history, diagnostics = observer.as_dict()
     record = {

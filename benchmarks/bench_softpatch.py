@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.runner import peak_memory_mb, reset_peak_memory  # noqa: E402
 from methods import TrainSet, build_method  # noqa: E402
 from methods import coreset as cs  # noqa: E402
 
@@ -38,10 +38,12 @@ def synthetic_images(n: int, size: int, n_defect: int, seed: int) -> torch.Tenso
     return images.clamp(0, 255).to(torch.uint8)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process RSS, KiB on Linux
+def method_peak_mb(device: torch.device, reset: bool) -> tuple[float, str]:
+    """This method's peak: torch's on CUDA; on Linux the RSS high-water mark since the reset
+    before its fit (it includes the process's baseline: torch, the teacher, the images)."""
+    mb, kind = peak_memory_mb(device, reset)
+    return mb, {"cuda_max_allocated": "GPU allocated", "run_peak_rss": "RSS since the method "
+                "started", "process_max_rss": "process RSS (not reset)"}[kind]
 
 
 def sync(device: torch.device) -> None:
@@ -61,8 +63,7 @@ def bench_method(name: str, args, device: torch.device) -> None:
         teacher_weights=args.weights, device=device, seed=0,
     )
     method.teacher  # build the backbone outside the timings  # noqa: B018
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset = reset_peak_memory(device)  # each method's own peak, not the process's so far
     sync(device)
     start = time.perf_counter()
     method.fit(train)
@@ -76,13 +77,14 @@ def bench_method(name: str, args, device: torch.device) -> None:
     infer_s = time.perf_counter() - start
     stats = method.fit_stats
     bank = method.bank
+    peak_mb, peak_kind = method_peak_mb(device, reset)
     print(
         f"{name:10s} train={args.n_train} size={args.size} patches={int(stats['n_patches'])} "
         f"bank={bank.shape[0]}x{bank.shape[1]} ({bank.numel() * 4 / 2**20:.1f} MB) "
         f"removed={int(stats['removed_patches'])} | fit {fit_s:.2f} s (features "
         f"{stats['feature_s']:.2f}, discriminator {stats['discriminator_s']:.2f}, coreset "
         f"{stats['coreset_s']:.2f}) | infer {args.n_test / infer_s:.1f} img/s | peak "
-        f"{peak_memory_mb(device):.0f} MB"
+        f"{peak_mb:.0f} MB ({peak_kind})"
     )
 
 
