@@ -538,8 +538,9 @@ def generate_synthetic(
 ) -> Path:
     """Write the synthetic MVTec-layout tree to ``out_dir`` and return its path.
 
-    If ``out_dir`` already holds a tree made with the same parameters it is kept as is (the
-    files would be identical). A different non-empty folder is replaced only with ``overwrite``.
+    If ``out_dir`` already holds a complete tree made with the same parameters it is kept as is
+    (the files would be identical); one with files missing is written again. A different
+    non-empty folder is replaced only with ``overwrite``.
     """
     out = Path(out_dir).expanduser()
     categories = list(categories or SYNTHETIC_CATEGORIES)
@@ -557,9 +558,9 @@ def generate_synthetic(
         if not out.is_dir():
             raise DataError(f"{out} exists and is not a folder; choose another --out")
         existing = _read_params(out / PARAMS_FILE)
-        if existing == params:
+        if existing == params and _complete(out, params):
             return out
-        if any(out.iterdir()) and not overwrite:
+        if existing != params and any(out.iterdir()) and not overwrite:
             raise DataError(
                 f"{out} is not empty and was not written with these parameters; choose an "
                 f"empty --out or pass --force to replace it"
@@ -577,6 +578,14 @@ def generate_synthetic(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _complete(out: Path, params: dict) -> bool:
+    """Whether every category holds as many PNGs as its parameters make; a tree with files
+    missing (or extra) is written again: same parameters, same bytes."""
+    expected = (params["n_train"] + params["n_test_good"] + 2 * params["n_test_anomalous"])
+    return all(sum(1 for _ in (out / c).rglob("*.png")) == expected
+               for c in params["categories"])
 
 
 def _read_params(path: Path) -> dict | None:

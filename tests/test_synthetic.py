@@ -141,6 +141,13 @@ def test_existing_folders(tmp_path, tree):
     generate_synthetic(empty, categories=["grass"], **SMALL)
     assert list_categories("synthetic", empty) == ["grass"]
 
+    # A tree with a file missing is not reused as it is: it is written again, identically.
+    victim = next((empty / "grass" / "test").rglob("*.png"))
+    content = {p.relative_to(empty): p.read_bytes() for p in empty.rglob("*.png")}
+    victim.unlink()
+    generate_synthetic(empty, categories=["grass"], **SMALL)
+    assert {p.relative_to(empty): p.read_bytes() for p in empty.rglob("*.png")} == content
+
 
 @pytest.mark.parametrize(
     "kwargs,match",
