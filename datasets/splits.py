@@ -136,6 +136,12 @@ def make_split(data: CategoryData, noise_ratio: float, seed: int, cap: bool = Fa
     requested = requested_count(ratio, n_normal)
     capped = False
     if requested > len(anomalous):
+        if not anomalous and not cap:
+            raise DataError(
+                f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images but the "
+                f"test set has none to inject; use noise ratio 0 for this category (or add "
+                f"anomalous test images)"
+            )
         if not cap:
             raise DataError(
                 f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images "

@@ -96,6 +96,16 @@ def test_infeasible_mvtec_ratio_is_rejected_with_the_numbers(
         make_split(mvtec_data[category], float(largest) + 0.01, 0)
 
 
+def test_a_category_without_anomalous_images_says_so(mvtec_data):
+    import dataclasses
+
+    data = mvtec_data["bottle"]
+    clean = dataclasses.replace(data, test=[s for s in data.test if s.label == 0])
+    with pytest.raises(DataError, match="the test set has none to inject; use noise ratio 0"):
+        make_split(clean, 0.1, seed=0)
+    assert make_split(clean, 0.0, seed=0).n_injected == 0
+
+
 def test_every_other_mvtec_category_is_feasible_at_02(mvtec_data):
     feasible = set()
     for category, data in mvtec_data.items():
