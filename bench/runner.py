@@ -597,8 +597,9 @@ def run_sweep(
     if tracker is not None:
         tracker.start_sweep(total=len(specs), todo=len(todo))
         tracker.log_existing(results, done)
-    bar = tqdm(total=len(todo), desc=options.sweep or "sweep", unit="run", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    # The bar counts the whole sweep; runs already done start it off (the ETA uses the rest).
+    bar = tqdm(total=len(specs), initial=len(done), desc=options.sweep or "sweep", unit="run",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix(failed=0)
     plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
 
