@@ -1,8 +1,8 @@
 """Runs that train the same thing under different names share one training.
 
 The paper's ablation tables repeat configurations under other row names: Table 4's full CDD is
-Table 5's K=2 row and Table A2's S-curve row, Table 5's K=3 row is Table 6's Consensual row, and
-so on (six of the 23 CDD presets). A run is a pure function of its spec, so two specs whose
+Table 5's K=2 row and Table A2's S-curve row, Table 5's K=3 row is Table 6's Consensual row,
+Table 4's row 4 is Table A1's r=0.5 row, and Table 5's {2,3,3,2} row is the paper presets' CDD. A run is a pure function of its spec, so two specs whose
 methods resolve to the same registered method with the same full config, on the same data,
 split, seeds, image size and teacher, give the same result. Their **training identity** is the
 hash of exactly that.
@@ -45,14 +45,6 @@ def _identity(base: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def training_identity(spec: RunSpec) -> str | None:
     """The hash of what ``spec`` trains and evaluates; None when its method cannot be resolved
     (the run then fails on its own, with its own message)."""
@@ -63,7 +55,7 @@ def training_identity(spec: RunSpec) -> str | None:
         config = make_config(base, {**overrides, **dict(spec.config)})
     except Exception:  # noqa: BLE001 - an unknown method or bad value is the run's own error
         return None
-    return _identity(base, _plain(dataclasses.asdict(config)), spec.to_dict())
+    return _identity(base, dataclasses.asdict(config), spec.to_dict())
 
 
 def record_identity(record: Mapping[str, Any]) -> str | None:
