@@ -54,6 +54,7 @@ from bench.paper import (
     ablation_table_of,
 )
 from bench.records import PROTOCOLS, is_complete, iter_records, run_dir, write_bytes_atomic
+from bench.spec import same_teacher_name
 
 REPORT_DIR = "report"
 PRO_VARIANTS = ("pro_rd4ad", "aupro")
@@ -180,7 +181,8 @@ def load_runs(results_dir: str | Path) -> list[Run]:
                 dataset=str(spec["dataset"]),
                 noise_ratio=float(spec["noise_ratio"]),
                 image_size=int(spec.get("image_size", PAPER_IMAGE_SIZE)),
-                teacher_weights=str(spec.get("teacher_weights", PAPER_TEACHER_WEIGHTS)),
+                teacher_weights=same_teacher_name(
+                    str(spec.get("teacher_weights", PAPER_TEACHER_WEIGHTS))),
             )
             category = str(spec["category"])
             method = str(spec["method"])
@@ -226,7 +228,7 @@ def _planned_runs(results_dir: str | Path, known: set[str]) -> list[Run]:
                 fingerprint=spec.fingerprint, complete=False, method=spec.method,
                 label=spec.method,
                 setting=Setting(spec.dataset, float(spec.noise_ratio), int(spec.image_size),
-                                str(spec.teacher_weights)),
+                                same_teacher_name(str(spec.teacher_weights))),
                 category=spec.category, seed=(spec.split_seed, spec.train_seed), metrics={},
                 record={"spec": spec.to_dict(), "status": PLANNED},
             ))

@@ -125,3 +125,13 @@ def canonical_value(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return canonical_value(value.item())  # numpy / torch scalars
     raise TypeError(f"cannot put {type(value).__name__} {value!r} in a run spec")
+
+
+def same_teacher_name(weights: str) -> str:
+    """One name per random teacher: ``random`` and ``random:00`` are ``random:0`` (as
+    :func:`methods.backbones.random_teacher_seed` reads them); other weights are returned as
+    given. For grouping results, not for specs: fingerprints keep what was written."""
+    if weights == "random":
+        return "random:0"
+    head, _, seed = weights.partition(":")
+    return f"random:{int(seed)}" if head == "random" and seed.isdigit() else weights

@@ -33,7 +33,7 @@ from bench.records import (
     iter_records,
     run_dir,
 )
-from bench.spec import RunSpec, canonical_value
+from bench.spec import RunSpec, canonical_value, same_teacher_name
 
 _NOT_TRAINING = ("method", "config", "data_root")  # replaced by the resolved method and config
 
@@ -41,6 +41,7 @@ _NOT_TRAINING = ("method", "config", "data_root")  # replaced by the resolved me
 def _identity(base: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
     body = {"method": base, "config": canonical_value(json.loads(json.dumps(resolved))),
             **{k: v for k, v in spec.items() if k not in _NOT_TRAINING}}
+    body["teacher_weights"] = same_teacher_name(str(body.get("teacher_weights")))
     text = json.dumps(canonical_value(body), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

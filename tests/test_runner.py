@@ -6,6 +6,7 @@ The tiny methods registered here are importable by worker processes as the plugi
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -313,6 +314,11 @@ def test_specs_that_train_the_same_thing_share_one_training(synthetic_root, tmp_
     summary = run_sweep([again], tmp_path / "alone", options=JobOptions(device="cpu"),
                         progress=False, reuse=False)
     assert len(fits) == 3 and summary.reused == []
+    # "random" and "random:0" name the same teacher: a twin too.
+    renamed = dataclasses.replace(explicit, teacher_weights="random:0")
+    assert renamed.fingerprint != explicit.fingerprint
+    summary = run_sweep([renamed], tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert len(fits) == 3 and summary.reused == [renamed]
 
 
 def test_a_failed_leader_fails_its_twins_with_the_reason(synthetic_root, tmp_path):

@@ -194,3 +194,13 @@ def test_image_size_from_the_command_line(tmp_path, capsys):
     assert main([*base, "--image-size", "128", "--resize-size", "100"]) == 2
     assert "no larger than the resize" in capsys.readouterr().err
 
+
+def test_one_name_per_random_teacher():
+    from bench.spec import same_teacher_name
+
+    assert same_teacher_name("random") == same_teacher_name("random:0") == "random:0"
+    assert same_teacher_name("random:007") == "random:7"
+    assert same_teacher_name("imagenet") == "imagenet"
+    assert same_teacher_name("random:x") == "random:x"  # not a seed: left for the loader to refuse
+    assert same_teacher_name("/w/random:3.pth") == "/w/random:3.pth"
+
