@@ -38,7 +38,7 @@ Rule
     failing on float noise from another BLAS or CPU. A metric that had values and now has none
     (NaN in every run) also regresses. Baseline runs without a result now are "missing" (a
     failed or skipped run) and fail the check unless allowed; runs not in the baseline are
-    "extra" and only reported (floors still apply to them). A run is "improved" when the
+    "extra" and reported; floors still apply to them. A run is "improved" when the
     group mean rises above ``mean + max(k * std, min_tolerance)`` (reported, never a failure).
 """
 
@@ -356,12 +356,15 @@ class Comparison:
 
 
 def _judge(base: Stat | None, now: Stat, k: float, min_tol: float, floor: float | None,
-           runs: Sequence[tuple[tuple[int, int], Any]] | None = None
-           ) -> tuple[float | None, str, str]:
+           runs: Sequence[tuple[tuple[int, int], Any]] | None = None,
+           floor_runs: Sequence[tuple[tuple[int, int], Any]] | None = None,
+           shown_base: Stat | None = None) -> tuple[float | None, str, str]:
     """Threshold, status and reason for one metric.
 
     ``runs`` ((seed pair, value) per run) selects the per-run rule: the lowest finite run is
-    judged; without it the group mean is.
+    judged against the threshold, the lowest of ``floor_runs`` (default ``runs``) against the
+    floor; without ``runs`` the group mean is judged. ``shown_base`` is the baseline stat over
+    the seeds compared (for "improved"); it defaults to ``base``.
     """
     tolerance = max(k * (base.std or 0.0), min_tol) if base is not None else 0.0
     lower = None
@@ -373,19 +376,29 @@ def _judge(base: Stat | None, now: Stat, k: float, min_tol: float, floor: float 
         if base is not None and base.mean is not None:
             return lower, REGRESSED, "no value now (NaN in every run)"
         return lower, UNDEFINED, ""
-    judged, who = now.mean, "mean"
-    if runs is not None:
-        finite = [(v, seeds) for seeds, v in runs if _finite_or_none(v) is not None]
-        judged, seeds = min(finite)
-        who = f"run {tuple(seeds)} at {judged:.4f}"
-    if floor is not None and judged < floor:
-        return lower, REGRESSED, f"{who} below floor {floor:g}"
+
+    def lowest(candidates):
+        finite = [(v, tuple(seeds)) for seeds, v in candidates if _finite_or_none(v) is not None]
+        if not finite:
+            return None, ""
+        value, seeds = min(finite)
+        return value, f"run {seeds} at {value:.4f}"
+
+    if runs is None:
+        judged, who = now.mean, "mean"
+        floored, floor_who = judged, who
+    else:
+        judged, who = lowest(runs)
+        floored, floor_who = lowest(floor_runs if floor_runs is not None else runs)
+    if floor is not None and floored is not None and floored < floor:
+        return lower, REGRESSED, f"{floor_who} below floor {floor:g}"
     if base is None or base.mean is None:
         return lower, NEW, ""
-    if judged < base.mean - tolerance:
+    if judged is not None and judged < base.mean - tolerance:
         why = "k*std" if k * (base.std or 0.0) >= min_tol else "min tolerance"
         return lower, REGRESSED, f"{who} below mean - {why}"
-    if now.mean > base.mean + tolerance:
+    shown = shown_base if shown_base is not None and shown_base.mean is not None else base
+    if now.mean > shown.mean + tolerance:
         return lower, IMPROVED, ""
     return lower, OK, ""
 
@@ -447,14 +460,16 @@ def compare(baseline: Mapping[str, Any], results: Results, *, k: float | None = 
                 stat = now.stat(protocol, metric, common if partial else None)
                 # A single run is judged against the statistics of all the baseline's runs.
                 reference = _base_stat(b, protocol, metric, None) if rule == "run" else base_stat
-                # Per run: the seeds the baseline has (extra seeds are only reported); a
-                # group the baseline lacks has only floors to meet, over all its runs.
-                judged = common if common else now.seeds
-                runs = (list(zip(judged, now.values(protocol, metric, judged)))
-                        if rule == "run" else None)
+                # Per run: the threshold for the seeds the baseline has (extra seeds have no
+                # baseline value to be compared with), the floor for every run now.
+                runs = floor_runs = None
+                if rule == "run":
+                    floor_runs = list(zip(now.seeds, now.values(protocol, metric)))
+                    runs = [(seeds, v) for seeds, v in floor_runs if seeds in base_seeds]
                 threshold, status, reason = _judge(reference, stat, k, min_tol,
-                                                   all_floors.get(metric), runs)
-                lowest = min((_finite_or_none(v) for _, v in runs or ()
+                                                   all_floors.get(metric), runs, floor_runs,
+                                                   shown_base=base_stat)
+                lowest = min((_finite_or_none(v) for _, v in floor_runs or ()
                               if _finite_or_none(v) is not None), default=None)
                 rows.append(Row(label, protocol, metric, base_stat, stat, threshold, status,
                                 reason, lowest))

@@ -183,6 +183,11 @@ def test_missing_failed_and_extra_runs_are_reported(sweep, capsys):
                                                                   "cdd[epochs=2] synthetic/a"))]
     assert len(rows) == 28 and all("+0.0000" in line for line in rows)
     assert check(results, baseline, "--allow-missing") == 0
+    # Extra seeds have no baseline value to be compared with, but floors hold for every run.
+    capsys.readouterr()
+    assert check(results, baseline, "--allow-missing", "--floor", "i_auroc=0.86") == 1
+    out = capsys.readouterr().out
+    assert "run (5, 5) at 0.8500 below floor 0.86" in out
 
 
 def test_update_round_trip(sweep, tmp_path):
