@@ -135,20 +135,15 @@ def noise_curves(runs, out_dir: Path, pro: str, notes: list[str]) -> list[tuple[
                 for label in labels:
                     xs, means, stds, hollow = [], [], [], []
                     for ratio in ratios:
-                        per_seed, present = defaultdict(list), set()
-                        for run in gruns:
-                            if run.label == label and math.isclose(run.setting.noise_ratio,
-                                                                   ratio):
-                                value = run.value(protocol, metric)
-                                if value is not None:
-                                    per_seed[run.seed].append(value)
-                                    present.add(run.category)
-                        if not per_seed:
+                        point = curve_point([r for r in gruns if r.label == label and
+                                             math.isclose(r.setting.noise_ratio, ratio)],
+                                            protocol, metric)
+                        if point is None:
                             continue
-                        seed_means = [statistics.fmean(v) for v in per_seed.values()]
+                        mean, std, present = point
                         xs.append(ratio)
-                        means.append(statistics.fmean(seed_means))
-                        stds.append(statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0)
+                        means.append(mean)
+                        stds.append(std)
                         missing = categories[label] - present
                         hollow.append(bool(missing))
                         if missing:
@@ -180,6 +175,27 @@ def noise_curves(runs, out_dir: Path, pro: str, notes: list[str]) -> list[tuple[
         entries.append((f"Noise-ratio curves (Fig. 3/A5-like): {dataset}, {size} px, "
                         f"teacher {weights}", stem))
     return entries
+
+
+def curve_point(runs, protocol: str, metric: str) -> tuple[float, float, set[str]] | None:
+    """(category mean averaged over seeds, std over seeds, categories present) of one method at
+    one noise ratio; None without any value.
+
+    Values are keyed by seed and category, so one cell counts once even when two records hold
+    it (a run and its copy under another name).
+    """
+    per_seed: dict = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        value = run.value(protocol, metric)
+        if value is not None:
+            per_seed[run.seed][run.category].append(value)
+    if not per_seed:
+        return None
+    seed_means = [statistics.fmean(statistics.fmean(v) for v in cats.values())
+                  for cats in per_seed.values()]
+    std = statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0
+    present = {cat for cats in per_seed.values() for cat in cats}
+    return statistics.fmean(seed_means), std, present
 
 
 def score_histograms(setting, category, scores: dict, out_dir: Path,

@@ -809,7 +809,7 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
         devices.add(str(device))
         weights.add(run.setting.teacher_weights)
         prov_weights = (run.record.get("provenance") or {}).get("teacher_weights")
-        if prov_weights and prov_weights != run.setting.teacher_weights:
+        if prov_weights and same_teacher_name(str(prov_weights)) != run.setting.teacher_weights:
             weights.add(str(prov_weights))
         sizes.add(run.setting.image_size)
         # resolved_config has every field; a failed run only has the spec's overrides.
@@ -948,7 +948,27 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, *,
                    pro)
     path = out / "report.md"
     _write_text(path, index)
+    written = {tables_dir / f"{grid.stem}.{ext}" for _, grid in table_links
+               for ext in ("md", "tex", "csv")}
+    written |= {stem.parent / f"{stem.name}.{ext}" for _, stem in figure_entries
+                for ext in ("png", "pdf")}
+    if missing:
+        written.add(out / "missing_runs.csv")
+    _remove_stale(out, written, [tables_dir] + ([figures_dir] if figures else []))
     return path
+
+
+def _remove_stale(out: Path, keep: set[Path], folders: list[Path]) -> None:
+    """Delete what an earlier rendering left in ``folders`` (and a missing-runs list) that this
+    one did not write (a table of a setting that is gone, say), so the folder, and what MLflow
+    receives of it, is this report alone. Only the report's own folders are touched."""
+    candidates = [out / "missing_runs.csv"]
+    for folder in folders:
+        if folder.is_dir():
+            candidates += [p for p in folder.iterdir() if p.is_file()]
+    for path in candidates:
+        if path not in keep:
+            path.unlink(missing_ok=True)
 
 
 def _delta_grid(grid: Grid) -> Grid:

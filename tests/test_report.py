@@ -330,3 +330,47 @@ def test_columns_name_only_the_overrides_that_differ(tmp_path):
     write_record(res, "cdd", "bottle", config={"epochs": 200, "k_schedule": [3]})
     labels = sorted(r.label for r in load_runs(res))
     assert labels == ["cdd[k_schedule=[2]]", "cdd[k_schedule=[3]]", "rd"]
+
+
+def test_rerendering_drops_what_no_longer_exists(tmp_path):
+    """A second rendering after a setting is gone leaves only this report's files."""
+    rng = np.random.default_rng(0)
+    res = tmp_path / "res"
+    write_record(res, "rd", "bottle", ratio=0.1, scores=fake_scores(rng))
+    write_record(res, "rd", "bottle", ratio=0.2, scores=fake_scores(rng))
+    write_record(res, "cdd", "cable", status="failed")
+    render_report(res, tmp_path / "out")
+    first = {p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+             if p.is_file()}
+    render_report(res, tmp_path / "out")  # the same records: nothing lost
+    assert {p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+            if p.is_file()} == first
+    shutil.rmtree(next(p for p in (res / "runs").iterdir()
+                       if json.loads((p / "record.json").read_text())["spec"]["noise_ratio"]
+                       == 0.2))
+    for p in (res / "runs").iterdir():  # the failed run is fixed: nothing missing any more
+        if json.loads((p / "record.json").read_text())["status"] == "failed":
+            shutil.rmtree(p)
+    render_report(res, tmp_path / "out")
+    now = {p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")
+           if p.is_file()}
+    assert not any("noise0.2" in str(p) for p in now) and any("noise0.2" in str(p) for p in first)
+    assert Path("missing_runs.csv") in first and Path("missing_runs.csv") not in now
+    assert any("noise0.1" in str(p) for p in now if p.parts[0] == "tables")
+    assert any(p.parts[0] == "figures" for p in now)
+
+
+def test_a_curve_point_counts_each_cell_once(tmp_path):
+    from bench.figures import curve_point
+    from bench.report import load_runs
+
+    res = tmp_path / "res"
+    # Category a twice (a run and its copy under another teacher spelling), b once.
+    write_record(res, "rd", "a", weights="random", no=(0.9, 0.9, 0.9))
+    write_record(res, "rd", "a", weights="random:0", no=(0.9, 0.9, 0.9))
+    write_record(res, "rd", "b", weights="random", no=(0.5, 0.5, 0.5))
+    runs = load_runs(res)
+    assert len({r.setting for r in runs}) == 1
+    mean, std, present = curve_point(runs, "no_overlap", "i_auroc")
+    assert mean == pytest.approx(0.7) and std == 0.0 and present == {"a", "b"}
+    assert curve_point([], "no_overlap", "i_auroc") is None
