@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except OSError as err:
-        # A path the user gave cannot be written or read (a file where a folder should be,
-        # no permission, disk full): one line naming it, not a traceback.
-        where = f" ({err.filename})" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}; check the path and its permissions",
-              file=sys.stderr)
+        # A path that cannot be written or read (a file where a folder should be, no
+        # permission, disk full): one line naming it. Errors without a path (a network
+        # failure, a bug) keep their traceback.
+        if not err.filename:
+            raise
+        print(f"error: {err.strerror or type(err).__name__} ({err.filename}); check the path "
+              f"and its permissions", file=sys.stderr)
         return 2

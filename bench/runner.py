@@ -593,6 +593,7 @@ def run_sweep(
     executor = executor or LocalExecutor()
     started = time.time()
     todo, done = partition(specs, results, force)
+    plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
     summary = SweepSummary(total=len(specs), skipped=done)
     if tracker is not None:
         tracker.start_sweep(total=len(specs), todo=len(todo))
@@ -601,7 +602,6 @@ def run_sweep(
     bar = tqdm(total=len(specs), initial=len(done), desc=options.sweep or "sweep", unit="run",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     bar.set_postfix(failed=0)
-    plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
 
     def store(spec: RunSpec, result: RunResult, reused: bool = False) -> None:
         folder = write_result(results, result)
@@ -629,6 +629,11 @@ def run_sweep(
                 store(twin, twins.copy_result(result.record, twin, spec.fingerprint,
                                               result.scores, result.manifest, options.sweep),
                       reused=True)
+            # Copies an earlier sweep made of a run retrained now (--force) follow it.
+            for twin in plan.stale_copies.get(spec.fingerprint, ()):
+                write_result(results, twins.copy_result(
+                    result.record, twin, spec.fingerprint, result.scores, result.manifest,
+                    options.sweep))
     except KeyboardInterrupt:
         summary.interrupted = True
         raise

@@ -80,6 +80,9 @@ class ReusePlan:
     leaders: list[RunSpec] = field(default_factory=list)  # trained
     followers: dict[str, list[RunSpec]] = field(default_factory=dict)  # leader fp -> twins
     from_disk: list[tuple[RunSpec, Path]] = field(default_factory=list)  # (spec, source folder)
+    # leader fp -> specs of copies already on disk (made by earlier sweeps) that a retraining
+    # (--force) would leave stale: they are rewritten from the new result.
+    stale_copies: dict[str, list[RunSpec]] = field(default_factory=dict)
 
     @property
     def n_reused(self) -> int:
@@ -93,12 +96,23 @@ def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = 
         return ReusePlan(leaders=list(todo))
     identities = {spec: training_identity(spec) for spec in todo}
     on_disk: dict[str, Path] = {}
-    if use_disk and any(identities.values()):
+    copies_of: dict[str, list[RunSpec]] = {}  # source fp -> copies on disk outside ``todo``
+    if any(identities.values()):
         wanted = set(identities.values()) - {None}
+        todo_fps = {spec.fingerprint for spec in todo}
         for record in iter_records(results):
-            ident = record_identity(record) if record.get("spec") else None
-            if ident in wanted and ident not in on_disk and not record.get("reused_from"):
-                on_disk[ident] = run_dir(results, record["fingerprint"])
+            source = record.get("reused_from")
+            if source and record.get("fingerprint") not in todo_fps:
+                try:
+                    copies_of.setdefault(str(source), []).append(RunSpec.from_dict(
+                        record["spec"]))
+                except (KeyError, TypeError):
+                    pass
+                continue
+            if use_disk:
+                ident = record_identity(record) if record.get("spec") else None
+                if ident in wanted and ident not in on_disk:
+                    on_disk[ident] = run_dir(results, record["fingerprint"])
     plan = ReusePlan()
     leader_of: dict[str, RunSpec] = {}
     for spec in todo:
@@ -111,6 +125,9 @@ def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = 
             if ident is not None:
                 leader_of[ident] = spec
             plan.leaders.append(spec)
+    if not use_disk:  # retraining: what was copied from a leader must follow it
+        plan.stale_copies = {spec.fingerprint: copies_of[spec.fingerprint]
+                             for spec in plan.leaders if spec.fingerprint in copies_of}
     return plan
 
 

@@ -314,11 +314,18 @@ def test_specs_that_train_the_same_thing_share_one_training(synthetic_root, tmp_
     summary = run_sweep([again], tmp_path / "alone", options=JobOptions(device="cpu"),
                         progress=False, reuse=False)
     assert len(fits) == 3 and summary.reused == []
+    # Retraining the source (--force) rewrites the copies earlier sweeps made of it.
+    run_sweep([explicit], tmp_path, options=JobOptions(device="cpu", sweep="retrain"),
+              force=True, progress=False)
+    assert len(fits) == 4
+    for spec in (explicit, default, again):
+        record = load_record(run_dir(tmp_path, spec.fingerprint) / RECORD_FILE)
+        assert record["sweep"] == "retrain", spec.config
     # "random" and "random:0" name the same teacher: a twin too.
     renamed = dataclasses.replace(explicit, teacher_weights="random:0")
     assert renamed.fingerprint != explicit.fingerprint
     summary = run_sweep([renamed], tmp_path, options=JobOptions(device="cpu"), progress=False)
-    assert len(fits) == 3 and summary.reused == [renamed]
+    assert len(fits) == 4 and summary.reused == [renamed]
 
 
 def test_a_failed_leader_fails_its_twins_with_the_reason(synthetic_root, tmp_path):

@@ -184,6 +184,13 @@ def test_image_size_from_the_command_line(tmp_path, capsys):
     assert main([*base, "--image-size", "128"]) == 0
     out = capsys.readouterr().out
     assert "1 runs, 0 done, 1 to run" in out
+    # The run listed is the one at 128 px (resize 146), by its fingerprint.
+    import dataclasses
+
+    spec = expand(load_preset("ci"), data_root=root, categories=["brick"], seeds=[0],
+                  noise_ratios=[0.0], methods=["rd"])[0]
+    sized_spec = dataclasses.replace(spec, image_size=128, resize_size=146)
+    assert sized_spec.fingerprint[:12] in out and spec.fingerprint[:12] not in out
     from bench.commands.run import with_image_size
 
     preset = load_preset("ci")

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         teacher_weights=args.teacher_weights, sets=[s for group in args.sets for s in group],
     )
     if args.dry_run:
-        return dry_run(specs, args.results, reuse=not args.no_reuse)
+        return dry_run(specs, args.results, reuse=not args.no_reuse, force=args.force)
     return execute(preset, specs, args)
 
 
@@ -122,12 +122,12 @@ def ensure_synthetic_data(preset, data_root) -> None:
     generate_synthetic(root, seed=0)
 
 
-def dry_run(specs, results: Path, reuse: bool = True) -> int:
+def dry_run(specs, results: Path, reuse: bool = True, force: bool = False) -> int:
     from bench.runner import partition
     from bench.twins import plan_reuse
 
-    todo, done = partition(specs, results)
-    plan = plan_reuse(todo, results, enabled=reuse)
+    todo, done = partition(specs, results, force)
+    plan = plan_reuse(todo, results, enabled=reuse, use_disk=not force)
     copied = {s for s, _ in plan.from_disk} | {s for v in plan.followers.values() for s in v}
     done_set = set(done)
     for spec in specs:
@@ -150,7 +150,7 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
         resolve_device(args.device)  # fail early on --device cuda without a GPU
         # ... and on teacher weights that cannot be had (offline, wrong file), once, not per
         # run. A remote cluster's nodes may hold weights this machine lacks: not checked then.
-        check_teacher_weights(specs, Path(args.results), args.force)
+        check_teacher_weights(specs, Path(args.results), args.force, not args.no_reuse)
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     name = sweep_name or preset.name
@@ -214,17 +214,21 @@ def write_sweep_plan(results: Path, name: str, preset: str, specs) -> Path:
     return path
 
 
-def check_teacher_weights(specs, results: Path, force: bool = False) -> None:
-    """Build each distinct (backbone, weights) teacher the runs still to do need, once.
+def check_teacher_weights(specs, results: Path, force: bool = False, reuse: bool = True) -> None:
+    """Build each distinct (backbone, weights) teacher the runs still to train need, once.
 
     Loading is where an offline ImageNet download, a file of the wrong network or a broken
     cache shows; doing it here turns N failed runs into one line before anything starts.
+    Runs that are done or will be copied from an identical training need no teacher.
     """
     from bench.runner import partition
+    from bench.twins import plan_reuse
     from methods.backbones import build_teacher, random_teacher_seed
     from methods.base import make_config, resolve_method
 
     todo, _ = partition(specs, results, force) if results.is_dir() else (specs, [])
+    if results.is_dir():
+        todo = plan_reuse(todo, results, enabled=reuse, use_disk=not force).leaders
     pairs = set()
     for spec in todo:
         if random_teacher_seed(spec.teacher_weights) is not None:
