@@ -5,6 +5,9 @@ Layout::
     <results>/runs/<fingerprint>/record.json   the record (complete or absent, never partial)
     <results>/runs/<fingerprint>/scores.npz    image scores, labels, injected flags, small maps
     <results>/mlflow.db                        the default MLflow store (see bench.tracking)
+    <results>/mlartifacts/                     that store's artifacts
+    <results>/sweeps/<sweep>.json              every spec a sweep planned (see bench.report)
+    <results>/report/                          the rendered report
 
 A record is a JSON object::
 
@@ -27,7 +30,8 @@ A record is a JSON object::
       "provenance": {method describe(): teacher weights id, backbone, ...},
       "history": {"<scalar name>": [value per epoch]},
       "diagnostics": {"<name>": [value per epoch]},   # e.g. CDD confidence AUROC vs injected
-      "finished_at": "<ISO time>"
+      "finished_at": "<ISO time>",
+      "reused_from": "<fingerprint>"                 # only on a copy (see bench.twins)
     }
 
 ``scores.npz`` arrays (all optional for readers; figures skip what is missing)::
