@@ -172,38 +172,42 @@ def _assign_labels(runs: list[Run]) -> None:
 
 
 def load_runs(results_dir: str | Path) -> list[Run]:
-    """Every readable record under ``results_dir`` as a :class:`Run` (failed ones included)."""
-    runs = []
-    for record in iter_records(results_dir):
-        spec = record.get("spec") or {}
-        try:
-            setting = Setting(
-                dataset=str(spec["dataset"]),
-                noise_ratio=float(spec["noise_ratio"]),
-                image_size=int(spec.get("image_size", PAPER_IMAGE_SIZE)),
-                teacher_weights=same_teacher_name(
-                    str(spec.get("teacher_weights", PAPER_TEACHER_WEIGHTS))),
-            )
-            category = str(spec["category"])
-            method = str(spec["method"])
-        except (KeyError, TypeError, ValueError):
-            continue  # not a run record (no spec): nothing to place in a table
-        error = record.get("error") or {}
-        runs.append(Run(
-            fingerprint=str(record.get("fingerprint", "")),
-            complete=is_complete(record),
-            method=method,
-            label=method,
-            setting=setting,
-            category=category,
-            seed=(int(spec.get("split_seed", 0)), int(spec.get("train_seed", 0))),
-            metrics=record.get("metrics") or {},
-            record=record,
-            error=" ".join(str(error.get("message", "")).split()) if error else "",
-        ))
+    """Every readable record under ``results_dir`` as a :class:`Run` (failed ones included),
+    plus the runs a sweep planned that have no record yet."""
+    runs = [run for run in map(_run_of, iter_records(results_dir)) if run is not None]
     runs += _planned_runs(results_dir, {r.fingerprint for r in runs})
     _assign_labels(runs)
     return runs
+
+
+def _run_of(record: dict) -> Run | None:
+    """The :class:`Run` of a record; None for a record without a usable spec."""
+    spec = record.get("spec") or {}
+    try:
+        setting = Setting(
+            dataset=str(spec["dataset"]),
+            noise_ratio=float(spec["noise_ratio"]),
+            image_size=int(spec.get("image_size", PAPER_IMAGE_SIZE)),
+            teacher_weights=same_teacher_name(
+                str(spec.get("teacher_weights", PAPER_TEACHER_WEIGHTS))),
+        )
+        category = str(spec["category"])
+        method = str(spec["method"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not a run record (no spec): nothing to place in a table
+    error = record.get("error") or {}
+    return Run(
+        fingerprint=str(record.get("fingerprint", "")),
+        complete=is_complete(record),
+        method=method,
+        label=method,
+        setting=setting,
+        category=category,
+        seed=(int(spec.get("split_seed", 0)), int(spec.get("train_seed", 0))),
+        metrics=record.get("metrics") or {},
+        record=record,
+        error=" ".join(str(error.get("message", "")).split()) if error else "",
+    )
 
 
 PLANNED = "planned"  # the record status of a run a sweep planned that has no record yet
@@ -221,17 +225,12 @@ def _planned_runs(results_dir: str | Path, known: set[str]) -> list[Run]:
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a damaged plan only loses the "not run" rows
         for spec in specs:
-            if spec.fingerprint in known:
-                continue
-            known.add(spec.fingerprint)
-            out.append(Run(
-                fingerprint=spec.fingerprint, complete=False, method=spec.method,
-                label=spec.method,
-                setting=Setting(spec.dataset, float(spec.noise_ratio), int(spec.image_size),
-                                same_teacher_name(str(spec.teacher_weights))),
-                category=spec.category, seed=(spec.split_seed, spec.train_seed), metrics={},
-                record={"spec": spec.to_dict(), "status": PLANNED},
-            ))
+            if spec.fingerprint not in known:
+                known.add(spec.fingerprint)
+                run = _run_of({"fingerprint": spec.fingerprint, "spec": spec.to_dict(),
+                               "status": PLANNED})
+                if run is not None:
+                    out.append(run)
     return out
 
 

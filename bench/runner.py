@@ -553,11 +553,14 @@ class SweepSummary:
         out = [f"{len(self.ok)} ok{reused}, {len(self.failed)} failed, {len(self.skipped)} "
                f"skipped (already done) of {self.total} runs in {self.elapsed_s:.0f} s"]
         for spec, error in self.failed:
-            # A UserError's line says what to do (often with a path): never cut it.
-            limit = None if error.get("type") == "UserError" else 200
-            out.append(f"  FAILED {spec.label} [{spec.fingerprint[:12]}]: "
-                       f"{error.get('type')}: {_first_line(error.get('message', ''), limit)}")
+            out.append(f"  FAILED {spec.label} [{spec.fingerprint[:12]}]: {_error_line(error)}")
         return out
+
+
+def _error_line(error: Mapping[str, Any]) -> str:
+    """``Type: first line``; a UserError's line says what to do (often with a path): never cut."""
+    limit = None if error.get("type") == "UserError" else 200
+    return f"{error.get('type')}: {_first_line(error.get('message', ''), limit)}"
 
 
 def _first_line(text: str, limit: int | None = 200) -> str:
@@ -576,13 +579,15 @@ def run_sweep(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     reuse: bool = True,
+    preflight: Callable[[list[RunSpec]], None] | None = None,
 ) -> SweepSummary:
     """Run every spec not already done; write and track each result as it arrives.
 
     ``executor`` is an object from :func:`bench.executors.make_executor` (local by default);
     ``tracker`` a :class:`bench.tracking.Tracker` or None. With ``reuse``, specs that train the
     same thing share one training (:mod:`bench.twins`); records on disk are reused unless
-    ``force``.
+    ``force``. ``preflight`` gets the specs that will train before anything starts (a check
+    that may raise, e.g. that their teacher weights can be loaded).
     """
     from tqdm.auto import tqdm
 
@@ -594,6 +599,8 @@ def run_sweep(
     started = time.time()
     todo, done = partition(specs, results, force)
     plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
+    if preflight is not None:
+        preflight(plan.leaders)
     summary = SweepSummary(total=len(specs), skipped=done)
     if tracker is not None:
         tracker.start_sweep(total=len(specs), todo=len(todo))
@@ -610,11 +617,9 @@ def run_sweep(
             if reused:
                 summary.reused.append(spec)
         else:
-            summary.failed.append((spec, result.record.get("error") or {}))
-            error = result.record["error"]
-            limit = None if error["type"] == "UserError" else 200
-            bar.write(f"failed: {spec.label}: {error['type']}: "
-                      f"{_first_line(error['message'], limit)}", file=sys.stderr)
+            error = result.record.get("error") or {}
+            summary.failed.append((spec, error))
+            bar.write(f"failed: {spec.label}: {_error_line(error)}", file=sys.stderr)
         if tracker is not None:
             tracker.log_run(result.record, folder)
         bar.update(1)

@@ -46,14 +46,19 @@ def _identity(base: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def resolved_config(spec: RunSpec) -> tuple[str, Any]:
+    """(registered method, its full config) for ``spec``: preset overrides, then the spec's."""
+    from methods.base import make_config, resolve_method
+
+    base, overrides = resolve_method(spec.method)
+    return base, make_config(base, {**overrides, **dict(spec.config)})
+
+
 def training_identity(spec: RunSpec) -> str | None:
     """The hash of what ``spec`` trains and evaluates; None when its method cannot be resolved
     (the run then fails on its own, with its own message)."""
-    from methods.base import make_config, resolve_method
-
     try:
-        base, overrides = resolve_method(spec.method)
-        config = make_config(base, {**overrides, **dict(spec.config)})
+        base, config = resolved_config(spec)
     except Exception:  # noqa: BLE001 - an unknown method or bad value is the run's own error
         return None
     return _identity(base, dataclasses.asdict(config), spec.to_dict())

@@ -136,6 +136,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_SHA256_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: str | os.PathLike) -> str:
+    """:func:`file_sha256`, computed once per process for a file of unchanged (size, mtime):
+    many manifests list the same file, and a sweep builds many teachers from one weight file.
+    Raises FileNotFoundError for a missing file."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        _SHA256_MEMO[key] = file_sha256(path)
+    return _SHA256_MEMO[key]
+
+
 class ImageCache:
     """Decoded, preprocessed images in memory and optionally on disk.
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.records import write_bytes_atomic
 from datasets.errors import DataError
-from datasets.images import file_sha256
+from datasets.images import cached_file_sha256, file_sha256
 from datasets.samples import CategoryData, Sample
 
 MANIFEST_SCHEMA = 1
@@ -190,22 +190,11 @@ def manifest_path(
     return Path(out_dir) / dataset / category / f"noise{float(noise_ratio):g}_seed{int(seed)}.json"
 
 
-class _Hasher:
-    """sha256 per file, computed once per process even when many manifests list the file."""
-
-    _memo: dict[tuple[str, int, int], str] = {}
-
-    @classmethod
-    def sha256(cls, path: Path) -> str:
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise DataError(f"{path} does not exist; restore it or reload the dataset") from None
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        digest = cls._memo.get(key)
-        if digest is None:
-            digest = cls._memo[key] = file_sha256(path)
-        return digest
+def _sha256(path: Path) -> str:
+    try:
+        return cached_file_sha256(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; restore it or reload the dataset") from None
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -223,13 +212,13 @@ def _entry(sample: Sample, root: Path) -> dict[str, Any]:
         "label": sample.label,
         "defect": sample.defect,
         "split": sample.split,
-        "sha256": _Hasher.sha256(sample.path),
+        "sha256": _sha256(sample.path),
         "mask": None,
         "mask_sha256": None,
     }
     if sample.mask_path is not None:
         entry["mask"] = _relative(sample.mask_path, root)
-        entry["mask_sha256"] = _Hasher.sha256(sample.mask_path)
+        entry["mask_sha256"] = _sha256(sample.mask_path)
     return entry
 
 

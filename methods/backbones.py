@@ -21,7 +21,6 @@ Every teacher carries ``weights_id`` (``imagenet:IMAGENET1K_V1``, ``random:seed=
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
@@ -271,20 +270,11 @@ def _existing_file(weights: str) -> Path:
     return path
 
 
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
-
-
 def _file_sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime): a sweep builds many teachers."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
+    """SHA-256 of a weight file, hashed once per process (a sweep builds many teachers)."""
+    from datasets.images import cached_file_sha256
+
+    return cached_file_sha256(path)
 
 
 def _load_state_file(path: Path) -> Mapping[str, torch.Tensor]:

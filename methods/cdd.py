@@ -501,9 +501,7 @@ class CrossDomainDistillation(ReverseDistillation):
             k = k_at_epoch(epoch, cfg.epochs, cfg.k_schedule)
             rng = np.random.default_rng([self.seed, epoch])
             # Step 1: S_glo(e-1)'s features, once per epoch (Eq. 12 and the targets).
-            keep_ref = (cfg.regularization and lam > 0) or (
-                cfg.pseudo_normal and cfg.selection == "consensual" and k > 2
-            )
+            keep_ref = self._keeps_previous_features(k, lam_positive=lam > 0)
             confidence, ref = self._previous_global_pass(glo, cache, keep_ref)
             # Step 2: domains (Eqs. 13-14).
             needs_hc = cfg.confidence_guided or cfg.confident_distillation
@@ -591,6 +589,13 @@ class CrossDomainDistillation(ReverseDistillation):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    def _keeps_previous_features(self, k: int, lam_positive: bool) -> bool:
+        """Whether an epoch needs S_glo(e-1)'s features: the regulariser's target (when
+        lambda(e) > 0) or the consensus affinity among more than two students."""
+        cfg = self.config
+        return bool((cfg.regularization and lam_positive)
+                    or (cfg.pseudo_normal and cfg.selection == "consensual" and k > 2))
 
     def _previous_global_pass(self, glo, cache, keep: bool):
         """Conf_i (Eq. 12) of every sample under S_glo(e-1), and its features when ``keep``.

@@ -148,9 +148,6 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if not (args.executor == "ray" and args.ray_address):
         resolve_device(args.device)  # fail early on --device cuda without a GPU
-        # ... and on teacher weights that cannot be had (offline, wrong file), once, not per
-        # run. A remote cluster's nodes may hold weights this machine lacks: not checked then.
-        check_teacher_weights(specs, Path(args.results), args.force, not args.no_reuse)
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     name = sweep_name or preset.name
@@ -174,9 +171,13 @@ def execute(preset, specs, args: argparse.Namespace, sweep_name: str | None = No
     options = JobOptions(device=args.device, sweep=name, plugins=tuple(getattr(args, "plugins", ())),
                          cache_dir=args.cache_dir)
     executor = make_executor(args.executor, args.workers, args.device, args.ray_address)
+    # Teacher weights that cannot be had (offline, wrong file) stop the sweep once, not every
+    # run. A remote cluster's nodes may hold weights this machine lacks: not checked then.
+    remote = args.executor == "ray" and args.ray_address
     with _sigterm_as_interrupt():
         summary = run_sweep(specs, results, executor=executor, options=options, tracker=tracker,
-                            force=args.force, reuse=not args.no_reuse)
+                            force=args.force, reuse=not args.no_reuse,
+                            preflight=None if remote else check_teacher_weights)
     for line in summary.lines():
         print(line, file=out)
     code = summary.exit_code
@@ -214,27 +215,18 @@ def write_sweep_plan(results: Path, name: str, preset: str, specs) -> Path:
     return path
 
 
-def check_teacher_weights(specs, results: Path, force: bool = False, reuse: bool = True) -> None:
-    """Build each distinct (backbone, weights) teacher the runs still to train need, once.
-
-    Loading is where an offline ImageNet download, a file of the wrong network or a broken
-    cache shows; doing it here turns N failed runs into one line before anything starts.
-    Runs that are done or will be copied from an identical training need no teacher.
-    """
-    from bench.runner import partition
-    from bench.twins import plan_reuse
+def check_teacher_weights(specs) -> None:
+    """Build each distinct (backbone, weights) teacher that ``specs`` (the runs that will
+    train) need, once. Loading is where an offline ImageNet download, a file of the wrong
+    network or a broken cache shows; here it is one line before anything starts."""
+    from bench.twins import resolved_config
     from methods.backbones import build_teacher, random_teacher_seed
-    from methods.base import make_config, resolve_method
 
-    todo, _ = partition(specs, results, force) if results.is_dir() else (specs, [])
-    if results.is_dir():
-        todo = plan_reuse(todo, results, enabled=reuse, use_disk=not force).leaders
     pairs = set()
-    for spec in todo:
+    for spec in specs:
         if random_teacher_seed(spec.teacher_weights) is not None:
             continue
-        base, overrides = resolve_method(spec.method)
-        backbone = getattr(make_config(base, {**overrides, **dict(spec.config)}), "backbone", None)
+        backbone = getattr(resolved_config(spec)[1], "backbone", None)
         if backbone is not None:
             pairs.add((backbone, spec.teacher_weights))
     for backbone, weights in sorted(pairs):
