@@ -131,9 +131,9 @@ class RunObserver:
     images are injected; here they are compared with the injected flags.
     """
 
-    def __init__(self, injected: np.ndarray, diagnose: Callable | None, bar=None):
+    def __init__(self, injected: np.ndarray, diagnose: Callable, bar=None):
         self.injected = np.asarray(injected, dtype=bool)
-        self.diagnose = diagnose or generic_diagnostics
+        self.diagnose = diagnose
         self.bar = bar
         self.epochs: list[int] = []
         self.history: dict[str, list] = {}
@@ -172,36 +172,6 @@ def _as_float(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def generic_diagnostics(per_sample: Mapping[str, np.ndarray], injected: np.ndarray) -> dict:
-    """Mean of each per-sample value over injected and over normal training images."""
-    out = {}
-    for name, values in per_sample.items():
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
-        if values.shape[0] != injected.shape[0]:
-            continue
-        if injected.any():
-            out[f"{name}/mean_injected"] = float(values[injected].mean())
-        if (~injected).any():
-            out[f"{name}/mean_normal"] = float(values[~injected].mean())
-    return out
-
-
-def _diagnostics_for(method_name: str, config: Any) -> Callable | None:
-    """The method family's own diagnostics (CDD's) when its module provides them."""
-    from methods.base import resolve_method
-
-    base, _ = resolve_method(method_name)
-    if base != "cdd":
-        return None
-    try:
-        from methods.cdd import cdd_diagnostics
-    except ImportError:
-        return None
-    # The same pick-count columns every epoch, whatever K the schedule is at.
-    n_students = max(getattr(config, "k_schedule", None) or (0,)) or None
-    return lambda per_sample, injected: cdd_diagnostics(per_sample, injected, n_students)
 
 
 def _sync(device) -> None:
@@ -348,7 +318,9 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     epochs = getattr(method.config, "epochs", None)
     bar = tqdm(total=epochs, desc=f"  {spec.method} {spec.category} r={spec.noise_ratio:g}",
                unit="ep", leave=False, disable=not options.progress, file=sys.stderr)
-    observer = RunObserver(injected, _diagnostics_for(spec.method, method.config), bar)
+    observer = RunObserver(
+        injected, lambda per_sample, flags: method.diagnostics(per_sample, flags, method.config),
+        bar)
 
     # One training ...
     _sync(device)

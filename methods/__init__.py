@@ -4,18 +4,26 @@ Importing this package registers every built-in method.
 """
 
 from methods.base import (  # noqa: F401
+    ColumnInfo,
     EpochObserver,
     Method,
     MethodPreset,
+    MethodVariant,
     Prediction,
     TrainSet,
     available_methods,
     available_presets,
+    available_variants,
     build_method,
+    column_info,
     get_method_class,
     get_preset,
+    get_variant,
+    is_known,
     register_method,
     register_preset,
+    register_variant,
+    resolve_config,
     resolve_method,
 )
 from methods.registry_loader import load_builtin_methods

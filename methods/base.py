@@ -11,7 +11,14 @@ back as numpy arrays: one score per image and one anomaly map per image at the i
 
 Adding a method = one module that defines a ``Method`` subclass decorated with
 ``@register_method`` (and its config dataclass), plus its module name in
-:mod:`methods.registry_loader`.
+:mod:`methods.registry_loader` (or ``run --plugin module``). Everything generic code needs to
+know about a method comes from the class: its report column (``display_name``, ``paper_name``,
+``column_rank``), the setup the paper ran (``paper_setup``), a config that makes a smoke run
+cheap (``smoke_overrides``) and what its per-sample logs mean (:meth:`Method.diagnostics`).
+
+A *variant* is a named configuration of a registered method (an ablation row, a protocol):
+:func:`register_variant`. Sweep presets (YAML files in ``bench/presets``) are something else:
+a list of runs.
 """
 
 from __future__ import annotations
@@ -78,15 +85,68 @@ class EpochObserver(Protocol):
     ) -> None: ...
 
 
+def mean_by_group(per_sample: Mapping[str, np.ndarray], injected: np.ndarray) -> dict[str, float]:
+    """Mean of each per-sample array over the injected and over the normal training images
+    (``<name>/mean_injected``, ``<name>/mean_normal``); arrays of another length are skipped."""
+    injected = np.asarray(injected, dtype=bool)
+    out = {}
+    for name, values in per_sample.items():
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.shape[0] != injected.shape[0]:
+            continue
+        if injected.any():
+            out[f"{name}/mean_injected"] = float(values[injected].mean())
+        if (~injected).any():
+            out[f"{name}/mean_normal"] = float(values[~injected].mean())
+    return out
+
+
 class Method(abc.ABC):
     """Base class of every anomaly detection method.
 
     Subclasses set ``name`` and ``Config`` (a frozen dataclass whose defaults are the paper's
-    values) and implement ``fit``, ``predict``, ``state_dict`` and ``load_state_dict``.
+    values) and implement ``fit``, ``predict``, ``state_dict`` and ``load_state_dict``. The other
+    class attributes have defaults; set them so reports and tools need no special case:
+
+    - ``display_name``: the report's column title (default: ``name``);
+    - ``paper_name``: the CDD paper's column label of this method, whose published values the
+      report shows beside ours (None: not in the paper);
+    - ``column_rank``: position among the report's columns, the paper's order (RD 10,
+      ReContrast 20, URD 30, SoftPatch 40, PatchCore 50, InReaCh 60, FUN-AD 70, CDD 90); a new
+      method defaults to 80, after the baselines and before CDD;
+    - ``paper_setup``: config values of the paper's own runs (e.g. ``{"epochs": 200}``); a
+      record whose resolved config differs is flagged as not paper-comparable;
+    - ``smoke_overrides``: config overrides that make a run take seconds on a CPU at 64 px
+      (benchmarks, smoke checks), never a paper setting.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    display_name: ClassVar[str | None] = None
+    paper_name: ClassVar[str | None] = None
+    column_rank: ClassVar[int] = 80
+    paper_setup: ClassVar[Mapping[str, Any]] = {}
+    smoke_overrides: ClassVar[Mapping[str, Any]] = {}
+
+    @classmethod
+    def config_from_dict(cls, values: Mapping[str, Any]) -> Any:
+        """The config saved in a state_dict or record (JSON lists back to tuples, types checked)."""
+        return build_config(cls.Config, values, cls.name)
+
+    @classmethod
+    def label(cls) -> str:
+        """The report's column title."""
+        return cls.display_name or cls.name
+
+    @classmethod
+    def diagnostics(cls, per_sample: Mapping[str, np.ndarray], injected: np.ndarray,
+                    config: Any) -> dict[str, float]:
+        """What one epoch's per-sample logs (``fit``'s observer) say about the injected images.
+
+        Runs in the runner, which holds the injected flags; ``fit`` never sees them. The
+        default is :func:`mean_by_group`; a method overrides it with what its logs mean.
+        """
+        return mean_by_group(per_sample, injected)
 
     def __init__(
         self,
@@ -126,22 +186,27 @@ class Method(abc.ABC):
 
 
 # --------------------------------------------------------------------------------------------
-# Registry of methods and of named presets (ablation rows, variants) over their configs.
+# Registry of methods and of their named variants (ablation rows, protocols).
 
 _METHODS: dict[str, type[Method]] = {}
 
 
 @dataclass(frozen=True)
-class MethodPreset:
-    """A named configuration of a registered method, e.g. one row of an ablation table."""
+class MethodVariant:
+    """A named configuration of a registered method, e.g. one row of an ablation table.
+
+    ``label``: its report column title when it should not share the method's (default: the
+    method's ``display_name``).
+    """
 
     name: str
     method: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    label: str | None = None
 
 
-_PRESETS: dict[str, MethodPreset] = {}
+_VARIANTS: dict[str, MethodVariant] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -154,52 +219,92 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def register_preset(
-    name: str, method: str, overrides: Mapping[str, Any] | None = None, description: str = ""
-) -> MethodPreset:
+def register_variant(
+    name: str, method: str, overrides: Mapping[str, Any] | None = None, description: str = "",
+    label: str | None = None,
+) -> MethodVariant:
     """Register a named config of ``method`` (validated now, so a typo fails at import)."""
-    if name in _METHODS or (name in _PRESETS and _PRESETS[name].method != method):
-        raise ValueError(f"preset name {name!r} is already taken")
-    preset = MethodPreset(name, method, dict(overrides or {}), description)
-    make_config(method, preset.overrides)  # validate field names and types
-    _PRESETS[name] = preset
-    return preset
+    if name in _METHODS or (name in _VARIANTS and _VARIANTS[name].method != method):
+        raise ValueError(f"variant name {name!r} is already taken")
+    variant = MethodVariant(name, method, dict(overrides or {}), description, label)
+    make_config(method, variant.overrides)  # validate field names and types
+    _VARIANTS[name] = variant
+    return variant
 
 
 def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def available_presets() -> list[MethodPreset]:
-    return [_PRESETS[k] for k in sorted(_PRESETS)]
+def available_variants() -> list[MethodVariant]:
+    return [_VARIANTS[k] for k in sorted(_VARIANTS)]
 
 
 def get_method_class(name: str) -> type[Method]:
     try:
         return _METHODS[name]
     except KeyError:
-        known = ", ".join(available_methods() + [p.name for p in available_presets()])
+        known = ", ".join(available_methods() + [v.name for v in available_variants()])
         raise UserError(
-            f"unknown method {name!r}; known methods and presets: {known} "
+            f"unknown method {name!r}; known methods and variants: {known} "
             f"(run `run_benchmark.py list`)"
         ) from None
 
 
-def get_preset(name: str) -> MethodPreset | None:
-    return _PRESETS.get(name)
+def get_variant(name: str) -> MethodVariant | None:
+    return _VARIANTS.get(name)
+
+
+def is_known(name: str) -> bool:
+    """Whether ``name`` is a registered method or variant."""
+    return name in _METHODS or name in _VARIANTS
 
 
 def resolve_method(name: str) -> tuple[str, dict[str, Any]]:
-    """Map a method or preset name to (registered method name, config overrides)."""
-    preset = _PRESETS.get(name)
-    if preset is not None:
-        return preset.method, dict(preset.overrides)
+    """Map a method or variant name to (registered method name, config overrides)."""
+    variant = _VARIANTS.get(name)
+    if variant is not None:
+        return variant.method, dict(variant.overrides)
     get_method_class(name)
     return name, {}
 
 
+def resolve_config(name: str, overrides: Mapping[str, Any] | None = None) -> tuple[str, Any]:
+    """(registered method, its full typed config) for a method or variant name with
+    ``overrides`` on top of the variant's own: the one place a run's config is resolved."""
+    method, variant_overrides = resolve_method(name)
+    return method, make_config(method, {**variant_overrides, **dict(overrides or {})})
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """How reports show a method or variant name: title, paper label, rank."""
+
+    label: str
+    paper_name: str | None
+    rank: int
+
+
+def column_info(name: str) -> ColumnInfo:
+    """Report column facts of a method or variant name; a name not registered here (a record
+    of a plugin not loaded) keeps its own name and the default rank."""
+    variant = _VARIANTS.get(name)
+    cls = _METHODS.get(variant.method if variant else name)
+    if cls is None:
+        return ColumnInfo(name, None, Method.column_rank)
+    label = (variant.label if variant and variant.label else None) or cls.label()
+    return ColumnInfo(label, cls.paper_name, cls.column_rank)
+
+
+# Former names of the variant API, kept so that plugins written against them keep working.
+MethodPreset = MethodVariant
+register_preset = register_variant
+available_presets = available_variants
+get_preset = get_variant
+
+
 # --------------------------------------------------------------------------------------------
-# Typed configs: overrides (from presets, YAML or `--set key=value`) are checked against the
+# Typed configs: overrides (from variants, sweep YAML or `--set key=value`) are checked against the
 # dataclass fields, so a typo or a wrong type stops with one line instead of a silent default.
 
 
@@ -209,7 +314,12 @@ def config_fields(method: str) -> list[dataclasses.Field]:
 
 def make_config(method: str, overrides: Mapping[str, Any] | None = None) -> Any:
     """Build ``method``'s Config with ``overrides`` applied and type-checked."""
-    cls = get_method_class(method).Config
+    return build_config(get_method_class(method).Config, overrides, method)
+
+
+def build_config(cls: type, overrides: Mapping[str, Any] | None, method: str) -> Any:
+    """Config dataclass ``cls`` from ``overrides``, each value coerced to its field's type
+    (strings from the command line, lists from JSON become tuples)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -312,8 +422,7 @@ def build_method(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Method:
-    """Instantiate a method (or preset) by name with config overrides applied on top."""
-    method, preset_overrides = resolve_method(name)
-    config = make_config(method, {**preset_overrides, **(overrides or {})})
+    """Instantiate a method (or variant) by name with config overrides applied on top."""
+    method, config = resolve_config(name, overrides)
     cls = get_method_class(method)
     return cls(config, teacher_weights=teacher_weights, device=device, seed=seed)

@@ -55,11 +55,10 @@ Choices where the paper is silent (PROTOCOL §5 "open"), also in ``docs/cdd.md``
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -67,7 +66,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from bench.errors import UserError
-from methods.base import EpochObserver, TrainSet, register_method, register_preset
+from methods.base import EpochObserver, TrainSet, register_method, register_variant
 from methods.rd import (
     FeatureCache,
     RDConfig,
@@ -462,6 +461,18 @@ class CrossDomainDistillation(ReverseDistillation):
 
     name = "cdd"
     Config = CDDConfig
+    display_name = paper_name = "CDD"
+    column_rank = 90
+    paper_setup = {**ReverseDistillation.paper_setup, "max_steps_per_stage": None}
+    smoke_overrides = {**ReverseDistillation.smoke_overrides, "epochs": 2,
+                       "max_steps_per_stage": 1}
+
+    @classmethod
+    def diagnostics(cls, per_sample, injected, config) -> dict[str, float]:
+        """:func:`cdd_diagnostics`, with the same pick-count columns every epoch whatever K
+        the schedule is at."""
+        n_students = max(getattr(config, "k_schedule", None) or (0,)) or None
+        return cdd_diagnostics(per_sample, injected, n_students)
 
     def fit(self, train: TrainSet, observer: EpochObserver | None = None) -> None:
         """Train the global student on ``train.images`` (uint8 (N, 3, H, W), sides % 32 == 0)."""
@@ -768,30 +779,15 @@ class CrossDomainDistillation(ReverseDistillation):
             scalars[f"visit_pick_count_{d}"] = float(counts[d])
         return scalars
 
-    # -- persistence -------------------------------------------------------------------------
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (RD's format, with CDD's config)."""
-        if state.get("method") != self.name:
-            raise UserError(f"cdd: state holds method {state.get('method')!r}, not 'cdd'")
-        config = dict(state["config"])
-        config["betas"] = tuple(config["betas"])
-        config["k_schedule"] = tuple(config["k_schedule"])
-        rd_state = dict(state, config={
-            f.name: config[f.name] for f in dataclasses.fields(RDConfig)
-        })
-        super().load_state_dict(rd_state)
-        self.config = CDDConfig(**config)
-
 
 # --------------------------------------------------------------------------------------------
-# Presets: every row of Tables 4, 5, 6, A1 and A2 (PROTOCOL §5 maps the rows).
+# Variants: every row of Tables 4, 5, 6, A1 and A2 (PROTOCOL §5 maps the rows).
 
 _OFF = {s: False for s in SWITCHES}
 _FULL = {s: True for s in SWITCHES}
 
 
-def _register_presets() -> None:
+def _register_variants() -> None:
     k2 = {"k_schedule": (2,)}
     # Table 4 (K = 2), in row order; the last row is full CDD with K = 2.
     t4 = [
@@ -807,29 +803,29 @@ def _register_presets() -> None:
         ("full", "all six designs (+ Reg.)", dict(_FULL)),
     ]
     for i, (tag, what, switches) in enumerate(t4, start=1):
-        register_preset(f"cdd-t4-{tag}", "cdd", {**_OFF, **switches, **k2},
+        register_variant(f"cdd-t4-{tag}", "cdd", {**_OFF, **switches, **k2},
                         f"Table 4 row {i} (K=2): {what}")
     # Table 5: the full method with fixed K or a dynamic schedule.
     for tag, schedule in (("k2", (2,)), ("k3", (3,)), ("k4", (4,)), ("k2332", (2, 3, 3, 2)),
                           ("k23432", (2, 3, 4, 3, 2))):
         label = schedule[0] if len(schedule) == 1 else "{" + ",".join(map(str, schedule)) + "}"
-        register_preset(f"cdd-t5-{tag}", "cdd", {"k_schedule": schedule},
+        register_variant(f"cdd-t5-{tag}", "cdd", {"k_schedule": schedule},
                         f"Table 5 row K={label}: full CDD")
     # Table 6 (K = 3): pseudo-normal selection strategies.
     for tag in ("all", "next", "consensual"):
-        register_preset(f"cdd-t6-{tag}", "cdd", {"k_schedule": (3,), "selection": tag},
+        register_variant(f"cdd-t6-{tag}", "cdd", {"k_schedule": (3,), "selection": tag},
                         f"Table 6 row {tag.capitalize()} (K=3): full CDD")
     # Table A1 (K = 2): r_normal with D.C., Conf.G., P.N., Conf.D. only.
     a1 = {**_OFF, "domain_construction": True, "confidence_guided": True,
           "pseudo_normal": True, "confident_distillation": True, **k2}
     for r in (0.0, 0.1, 0.3, 0.5, 0.7):
-        register_preset(f"cdd-a1-r{r}", "cdd", {**a1, "r_normal": r},
+        register_variant(f"cdd-a1-r{r}", "cdd", {**a1, "r_normal": r},
                         f"Table A1 row r_normal={r} (K=2): D.C. + Conf.G. + P.N. + Conf.D.")
     # Table A2 (K = 2, its S-curve row equals Table 4's full row): lambda(e) variants.
     for tag, kind, what in (("zero", "zero", "0"), ("one", "one", "1"),
                             ("linear", "linear", "e/E"), ("scurve", "s_curve", "S-curve")):
-        register_preset(f"cdd-a2-{tag}", "cdd", {**k2, "lambda_schedule": kind},
+        register_variant(f"cdd-a2-{tag}", "cdd", {**k2, "lambda_schedule": kind},
                         f"Table A2 row lambda(e)={what} (K=2): full CDD")
 
 
-_register_presets()
+_register_variants()

@@ -515,6 +515,11 @@ class ReverseDistillation(Method):
 
     name = "rd"
     Config = RDConfig
+    display_name = paper_name = "RD"
+    column_rank = 10
+    # The paper's runs: WRN50 teacher, 200 epochs, no step cap (CDD paper §5.1).
+    paper_setup = {"backbone": "wide_resnet50_2", "epochs": 200, "max_steps": None}
+    smoke_overrides = {"backbone": "resnet18", "epochs": 1, "max_steps": 2, "batch_size": 4}
 
     def __init__(self, config: RDConfig | None = None, *, teacher_weights: str = "imagenet",
                  device: str | torch.device = "cpu", seed: int = 0):
@@ -653,10 +658,9 @@ class ReverseDistillation(Method):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the teacher is rebuilt, and must have the same id."""
         if state.get("method") != self.name:
-            raise UserError(f"rd: state holds method {state.get('method')!r}, not 'rd'")
-        config = dict(state["config"])
-        config["betas"] = tuple(config["betas"])
-        self.config = RDConfig(**config)
+            raise UserError(f"{self.name}: state holds method {state.get('method')!r}, not "
+                            f"{self.name!r}")
+        self.config = self.config_from_dict(state["config"])
         self.teacher_weights = state["teacher_weights"]
         self.seed = int(state["seed"])
         self.teacher = None

@@ -157,6 +157,10 @@ class SoftPatch(Method):
 
     name = "softpatch"
     Config = SoftPatchConfig
+    display_name = paper_name = "SoftPatch"
+    column_rank = 40
+    paper_setup = {"backbone": "wide_resnet50_2"}
+    smoke_overrides = {"backbone": "resnet18", "coreset_starts": 2}
 
     def __init__(
         self,
@@ -438,3 +442,6 @@ class PatchCore(SoftPatch):
 
     name = "patchcore"
     Config = PatchCoreConfig
+    display_name = "PatchCore"
+    paper_name = None  # not a column of the CDD paper
+    column_rank = 50

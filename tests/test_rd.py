@@ -136,8 +136,10 @@ def test_feature_cache_holds_teacher_features():
     assert len(cache) == 5 and cache.storage_device.type == "cpu"
     assert cache.nbytes == 5 * (64 * 16 * 16 + 128 * 8 * 8 + 256 * 4 * 4) * 4
     index = torch.tensor([4, 0, 2])
+    # Batches of 2 against one of 3: oneDNN may pick another convolution algorithm per batch
+    # size, so agreement is to float32 rounding, not bit for bit.
     for got, want in zip(cache.get(index), teacher(images[index])):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_config_defaults_are_the_papers():
