@@ -12,6 +12,9 @@ A preset file holds::
         config: {epochs: 100}     # per-method overrides
       - name: softpatch
         optional: true            # skipped (with a note) when the method is not registered
+      - name: urd
+        image_size: 256           # this method's own geometry (e.g. its official resolution)
+        resize_size: 256
     noise_ratios: [0.1]
     seeds: [0]                    # each seed s runs with split seed s and training seed s
     split_seeds: [0]              # optional: then runs = split_seeds x seeds (training seeds)
@@ -27,6 +30,10 @@ every method with the field, like the preset's defaults; ``--set METHOD.KEY=V`` 
 a key that no method of the sweep has is an error). Every value is type-checked
 against the method's config dataclass (:func:`methods.base.make_config`), and the spec keeps the
 coerced values, so ``--set epochs=5`` and ``epochs: 5`` give the same fingerprint.
+
+A method entry's ``image_size``/``resize_size`` replace the sweep's for that method; the
+command line's ``--image-size``/``--resize-size`` replace both. Runs of another geometry land in
+tables of their own (the report never mixes image sizes).
 
 Runs are ordered category, noise ratio, seed, method: runs that share data sit together.
 """
@@ -59,7 +66,7 @@ _PRESET_KEYS = {
     "description", "dataset", "data_root", "categories", "methods", "noise_ratios", "seeds",
     "split_seeds", "image_size", "resize_size", "teacher_weights", "config",
 }
-_METHOD_KEYS = {"name", "config", "optional"}
+_METHOD_KEYS = {"name", "config", "optional", "image_size", "resize_size"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,8 @@ class MethodEntry:
     name: str
     config: Mapping[str, Any] = field(default_factory=dict)
     optional: bool = False
+    image_size: int | None = None  # None: the sweep's
+    resize_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -182,11 +191,14 @@ def _method_entry(item: Any, where: str) -> MethodEntry:
         unknown = sorted(set(item) - _METHOD_KEYS)
         if unknown:
             raise UserError(f"{where}: method entry {item['name']!r} has unknown key(s) "
-                            f"{', '.join(unknown)}; allowed: name, config, optional")
+                            f"{', '.join(unknown)}; allowed: {', '.join(sorted(_METHOD_KEYS))}")
         config = item.get("config") or {}
         if not isinstance(config, dict):
             raise UserError(f"{where}: 'config' of method {item['name']!r} must be a mapping")
-        return MethodEntry(str(item["name"]), dict(config), bool(item.get("optional", False)))
+        geometry = {key: _number(item[key], int, where, f"{item['name']}.{key}")
+                    for key in ("image_size", "resize_size") if item.get(key) is not None}
+        return MethodEntry(str(item["name"]), dict(config), bool(item.get("optional", False)),
+                           **geometry)
     raise UserError(f"{where}: each method is a name or a mapping with 'name'; got {item!r}")
 
 
@@ -280,7 +292,8 @@ def expand(
         specs.append(RunSpec(
             method=entry.name, config=configs[entry.name], dataset=preset.dataset,
             data_root=str(root), category=category, noise_ratio=ratio, split_seed=split_seed,
-            train_seed=train_seed, image_size=preset.image_size, resize_size=preset.resize_size,
+            train_seed=train_seed, image_size=entry.image_size or preset.image_size,
+            resize_size=entry.resize_size or preset.resize_size,
             teacher_weights=weights,
         ))
     return _dedupe(specs)

@@ -15,6 +15,10 @@ Weights are one of:
 - a path to a local state_dict file, loaded with ``torch.load(weights_only=True)``; keys and
   shapes are checked against the torchvision model and the first mismatch is named.
 
+:func:`build_encoder` gives the same network, loaded the same way, as a trainable
+:class:`Encoder` for methods that fine-tune it; :func:`load_backbone_net` the whole torchvision
+network (layer4 included) for methods that read deeper blocks.
+
 Every teacher carries ``weights_id`` (``imagenet:IMAGENET1K_V1``, ``random:seed=0`` or
 ``file:<sha256[:12]>``), which the methods put into every result's provenance.
 """
@@ -125,14 +129,17 @@ def teacher_input(
     return x
 
 
-class Teacher(nn.Module):
-    """A frozen torchvision ResNet up to ``layer3``; always in eval mode.
+class Encoder(nn.Module):
+    """A torchvision ResNet up to ``layer3``: the three feature maps of RD-family methods.
+
+    Trainable, with the usual ``train``/``eval`` semantics: for methods that fine-tune their
+    encoder (:func:`build_encoder`). :class:`Teacher` is the frozen kind.
 
     Attributes:
         backbone: ``"wide_resnet50_2"`` or ``"resnet18"``.
         channels: channels of the three feature maps, e.g. (256, 512, 1024).
         strides: (4, 8, 16), the downsampling of each feature map.
-        weights_id: provenance of the weights (see :func:`weights_id`).
+        weights_id: provenance of the weights it started from (see :func:`weights_id`).
     """
 
     def __init__(self, backbone: str, net: nn.Module, weights_id: str):
@@ -143,13 +150,6 @@ class Teacher(nn.Module):
         self.weights_id = weights_id
         for name in _KEPT:
             self.add_module(name, getattr(net, name))
-        for p in self.parameters():
-            p.requires_grad_(False)
-        super().train(False)
-
-    def train(self, mode: bool = True) -> Teacher:
-        """A teacher never leaves eval mode (its BatchNorm statistics are part of the weights)."""
-        return super().train(False)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features of already-normalised input (output of :func:`teacher_input`).
@@ -170,13 +170,52 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Features of raw images: uint8 (B, 3, H, W) in 0..255 or float in [0, 1].
 
-        Normalises on the teacher's device, then returns :meth:`encode`'s three feature maps.
+        Normalises on the encoder's device, then returns :meth:`encode`'s three feature maps.
         """
         device = next(self.parameters()).device
         channels_last = device.type == "cuda" and self.conv1.weight.is_contiguous(
             memory_format=torch.channels_last
         )
         return self.encode(teacher_input(images, device, channels_last=channels_last))
+
+
+class Teacher(Encoder):
+    """A frozen :class:`Encoder`; always in eval mode (its BatchNorm statistics are part of
+    the weights)."""
+
+    def __init__(self, backbone: str, net: nn.Module, weights_id: str):
+        super().__init__(backbone, net, weights_id)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        """A teacher never leaves eval mode."""
+        return super().train(False)
+
+
+def load_backbone_net(backbone: str, weights: str) -> tuple[nn.Module, str]:
+    """The whole torchvision network (layer4 and fc included) with ``weights`` loaded, and the
+    weights' provenance id; see :func:`build_teacher` for ``weights`` and the errors."""
+    check_backbone(backbone)
+    constructor = getattr(torchvision.models, backbone)
+    seed = random_teacher_seed(weights)
+    if seed is not None:
+        # Draw the initialisation from its own seed without disturbing the caller's RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = constructor(weights=None)
+        return net, weights_id(backbone, weights)
+    net = constructor(weights=None)
+    if weights == "imagenet":
+        state = _imagenet_state_dict(backbone, net)
+        net.load_state_dict(state, strict=False)
+        return net, weights_id(backbone, "imagenet")
+    path = _existing_file(weights)
+    state = _load_state_file(path)
+    _check_state_dict(state, net, backbone, path)
+    net.load_state_dict(state, strict=False)
+    return net, f"file:{_file_sha256(path)[:12]}"
 
 
 def build_teacher(backbone: str, weights: str) -> Teacher:
@@ -191,25 +230,13 @@ def build_teacher(backbone: str, weights: str) -> Teacher:
         UserError: unknown backbone, imagenet weights unavailable offline (names the cache
             path), or a weight file that is missing, unreadable or does not match.
     """
-    check_backbone(backbone)
-    constructor = getattr(torchvision.models, backbone)
-    seed = random_teacher_seed(weights)
-    if seed is not None:
-        # Draw the initialisation from its own seed without disturbing the caller's RNG.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = constructor(weights=None)
-        return Teacher(backbone, net, weights_id(backbone, weights))
-    net = constructor(weights=None)
-    if weights == "imagenet":
-        state = _imagenet_state_dict(backbone, net)
-        net.load_state_dict(state, strict=False)
-        return Teacher(backbone, net, weights_id(backbone, "imagenet"))
-    path = _existing_file(weights)
-    state = _load_state_file(path)
-    _check_state_dict(state, net, backbone, path)
-    net.load_state_dict(state, strict=False)
-    return Teacher(backbone, net, f"file:{_file_sha256(path)[:12]}")
+    return Teacher(backbone, *load_backbone_net(backbone, weights))
+
+
+def build_encoder(backbone: str, weights: str) -> Encoder:
+    """A trainable :class:`Encoder` (on CPU, in train mode) starting from ``weights``, loaded
+    and checked exactly as :func:`build_teacher` does."""
+    return Encoder(backbone, *load_backbone_net(backbone, weights))
 
 
 # --------------------------------------------------------------------------------------------

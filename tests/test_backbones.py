@@ -201,3 +201,21 @@ def test_a_broken_cached_imagenet_file_is_one_line(tmp_path, monkeypatch, conten
     with pytest.raises(UserError) as err:
         build_teacher("resnet18", "imagenet")
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_encoder_is_a_trainable_copy_of_the_teacher():
+    from methods.backbones import build_encoder
+
+    teacher, encoder = build_teacher("resnet18", "random:3"), build_encoder("resnet18", "random:3")
+    assert encoder.training and all(p.requires_grad for p in encoder.parameters())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert encoder.weights_id == teacher.weights_id == "random:seed=3"
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    encoder.eval()
+    with torch.no_grad():
+        for a, b in zip(encoder(images), teacher(images)):
+            torch.testing.assert_close(a, b)
+    encoder.train()
+    loss = sum(f.mean() for f in encoder(images))
+    loss.backward()
+    assert encoder.layer3[0].conv1.weight.grad is not None

@@ -211,3 +211,23 @@ def test_one_name_per_random_teacher():
     assert same_teacher_name("random:x") == "random:x"  # not a seed: left for the loader to refuse
     assert same_teacher_name("/w/random:3.pth") == "/w/random:3.pth"
 
+
+
+def test_a_method_entry_may_bring_its_own_geometry(tmp_path):
+    from bench.commands.run import with_image_size
+
+    path = tmp_path / "own.yaml"
+    path.write_text(
+        "description: x\ndataset: mvtec\ncategories: [a]\nnoise_ratios: [0.1]\nseeds: [0]\n"
+        "methods: [rd, {name: cdd, image_size: 256, resize_size: 256}]\nimage_size: 224\n"
+        "resize_size: 256\nteacher_weights: random\n"
+    )
+    preset = load_preset(str(path))
+    sizes = {s.method: (s.image_size, s.resize_size) for s in expand(preset, check_data=False)}
+    assert sizes == {"rd": (224, 256), "cdd": (256, 256)}
+    # --image-size is every method's, the entry's own included.
+    sized = expand(with_image_size(preset, 64, None), check_data=False)
+    assert {(s.image_size, s.resize_size) for s in sized} == {(64, 73)}
+    path.write_text(path.read_text().replace("image_size: 256,", "image_size: big,"))
+    with pytest.raises(UserError, match="cdd.image_size"):
+        load_preset(str(path))

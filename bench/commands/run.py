@@ -103,7 +103,10 @@ def with_image_size(preset, image_size: int | None, resize_size: int | None):
     if crop < 1 or resize_size < crop:
         raise UserError(f"--image-size {crop} / --resize-size {resize_size}: the crop must be "
                         f"positive and no larger than the resize")
-    return dataclasses.replace(preset, image_size=crop, resize_size=resize_size)
+    # The command line's geometry is every method's: entries lose their own.
+    methods = tuple(dataclasses.replace(m, image_size=None, resize_size=None)
+                    for m in preset.methods)
+    return dataclasses.replace(preset, image_size=crop, resize_size=resize_size, methods=methods)
 
 
 def ensure_synthetic_data(preset, data_root) -> None:
