@@ -1,1 +1,1 @@
-"""The harness: configuration and presets, sweeps, runner, executors, tracking, metrics, reports."""
+"""The harness: sweep presets and specs, worker and driver, executors, tracking, metrics, reports."""

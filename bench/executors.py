@@ -23,8 +23,9 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 from bench.errors import UserError
-from bench.runner import JobOptions, RunResult, failed_record, run_one
 from bench.spec import RunSpec
+from bench.util import first_line
+from bench.worker import JobOptions, RunResult, failed_record, run_one
 
 EXECUTORS = ("local", "processes", "ray")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -287,7 +288,7 @@ class RayExecutor:
                         except Exception as err:  # noqa: BLE001 - a dead worker or node
                             result = RunResult(failed_record(
                                 spec, err, sweep=options.sweep, error_type=type(err).__name__,
-                                message=f"Ray task failed: {_first_line(str(err))}"))
+                                message=f"Ray task failed: {first_line(err)}"))
                         yield spec, result
             finally:
                 for ref in pending:  # Ctrl-C or an abandoned generator: stop what still runs
@@ -295,8 +296,3 @@ class RayExecutor:
         finally:
             if started:
                 ray.shutdown()
-
-
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0] if lines else ""

@@ -63,8 +63,10 @@ def _slug(text: str) -> str:
 
 
 def _order(label: str) -> tuple:
-    base = label.split("[", 1)[0]
-    return ({"rd": 0, "cdd": 2}.get(base, 1), label)
+    """The report's column order: each method's ``column_rank``, then the label."""
+    from methods.base import method_facts
+
+    return (method_facts(label.split("[", 1)[0]).rank, label)
 
 
 def load_scores(path: Path) -> dict[str, np.ndarray] | None:

@@ -1,4 +1,5 @@
-"""The paper's published values, loaded from ``results/paper/table*.csv``.
+"""The paper's published values, loaded from ``bench/paper_values/table*.csv`` (package data,
+so an installed harness has them too).
 
 The CSVs are a transcription of the CDD paper's Tables 1, 3, 4, 5, 6 and A1-A8 in long format,
 one value per line::
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from bench.errors import UserError
 
-PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+PAPER_DIR = Path(__file__).resolve().parent / "paper_values"
 PAPER_TABLES = ("1", "3", "4", "5", "6", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
 COLUMNS = ("table", "dataset", "noise_ratio", "protocol", "category", "method", "metric",
            "value", "mark", "pro_variant", "note")
@@ -43,20 +44,8 @@ PAPER_CATEGORIES = {
     "visa": ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
              "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum"),
 }
-# Harness method name -> the paper's column label. Methods the harness does not implement keep
-# their paper label (they appear in the paper tables only).
-PAPER_METHOD_LABELS = {
-    "rd": "RD",
-    "cdd": "CDD",
-    "softpatch": "SoftPatch",
-    "urd": "URD",
-    "recontrast": "ReContrast",
-    "inreach": "InReaCh",
-    "fun-ad": "FUN-AD",
-}
-
-# Ablation tables: the preset-name prefix whose records feed each table, and per paper row the
-# normalised preset suffixes that mean that row (lower case, letters and digits only), e.g.
+# Ablation tables: the variant-name prefix whose records feed each table, and per paper row the
+# normalised variant suffixes that mean that row (lower case, letters and digits only), e.g.
 # ``cdd-t5-k2332`` -> suffix ``k2332`` -> row ``K={2,3,3,2}``.
 ABLATION_PREFIXES = {"4": "cdd-t4-", "5": "cdd-t5-", "6": "cdd-t6-", "A1": "cdd-a1-",
                      "A2": "cdd-a2-"}
@@ -102,7 +91,7 @@ def _normalise(text: str) -> str:
 
 
 def ablation_table_of(method: str) -> str | None:
-    """The ablation table a preset name belongs to (``cdd-t5-k3`` -> ``"5"``), or None."""
+    """The ablation table a variant name belongs to (``cdd-t5-k3`` -> ``"5"``), or None."""
     for table, prefix in ABLATION_PREFIXES.items():
         if method.startswith(prefix) and len(method) > len(prefix):
             return table
@@ -110,7 +99,7 @@ def ablation_table_of(method: str) -> str | None:
 
 
 def ablation_row_of(method: str) -> str | None:
-    """The paper row label a preset name stands for, or None when no alias matches."""
+    """The paper row label a variant name stands for, or None when no alias matches."""
     table = ablation_table_of(method)
     if table is None:
         return None
@@ -134,7 +123,8 @@ def paper_rows(paper_dir: str | None = None) -> tuple[dict, ...]:
                 if tuple(reader.fieldnames or ()) != COLUMNS:
                     raise UserError(
                         f"paper values: {path} has columns {reader.fieldnames}, expected "
-                        f"{list(COLUMNS)}; restore results/paper/ from the repository"
+                        f"{list(COLUMNS)}; reinstall fuad-bench or restore bench/paper_values/ "
+                        "from the repository"
                     )
                 for row in reader:
                     row["value"] = float(row["value"]) if row["value"] else math.nan
@@ -142,8 +132,8 @@ def paper_rows(paper_dir: str | None = None) -> tuple[dict, ...]:
                     rows.append(row)
         except FileNotFoundError:
             raise UserError(
-                f"paper values missing: {path} not found; restore results/paper/ from the "
-                "repository"
+                f"paper values missing: {path} not found; reinstall fuad-bench or restore "
+                "bench/paper_values/ from the repository"
             ) from None
     # Table 2's body is not in the paper's text; it equals the Overlap columns of A3-A5.
     for row in list(rows):

@@ -51,8 +51,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePath
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -89,21 +89,24 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: store them as null."""
+def json_ready(value: Any) -> Any:
+    """A JSON-ready copy of ``value``: mappings with string keys, tuples as lists, paths as
+    strings, numpy/torch scalars as numbers, and NaN/inf as null (they are not JSON)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_ready(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        return _json_safe(value.item())  # numpy / torch scalars
+        return json_ready(value.item())  # numpy / torch scalars
     return value
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False)
+    text = json.dumps(json_ready(obj), indent=2, sort_keys=True, allow_nan=False)
     write_bytes_atomic(path, (text + "\n").encode("utf-8"))
 
 

@@ -49,11 +49,11 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
+from bench.identity import SEED_FIELDS, key_id, regress_group_key
 from bench.records import (
     METRIC_NAMES,
     PROTOCOLS,
@@ -61,7 +61,8 @@ from bench.records import (
     iter_records,
     write_bytes_atomic,
 )
-from bench.spec import RunSpec, canonical_value
+from bench.stats import Stat
+from bench.util import utc_timestamp
 
 SCHEMA = "fuad-bench-baseline/1"
 DEFAULT_K = 3.0
@@ -70,8 +71,6 @@ DEFAULT_K = 3.0
 DEFAULT_MIN_TOLERANCE = 0.005
 RULES = ("run", "mean")
 DEFAULT_RULE = "run"
-SEED_FIELDS = ("split_seed", "train_seed")
-_NOT_IN_KEY = ("data_root", *SEED_FIELDS)
 
 OK, REGRESSED, IMPROVED, NEW, UNDEFINED = "ok", "REGRESSED", "improved", "new", "n/a"
 
@@ -79,17 +78,6 @@ OK, REGRESSED, IMPROVED, NEW, UNDEFINED = "ok", "REGRESSED", "improved", "new", 
 # --------------------------------------------------------------------------------------------
 # Grouping
 # --------------------------------------------------------------------------------------------
-
-
-def group_key(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec fields that define a group: everything but the data path and the seeds."""
-    canonical = RunSpec.from_dict(spec).to_dict(include_root=False)
-    return {k: canonical_value(v) for k, v in canonical.items() if k not in _NOT_IN_KEY}
-
-
-def key_id(key: Mapping[str, Any]) -> str:
-    """One string per group key (canonical JSON), used to match baseline and results."""
-    return json.dumps(canonical_value(dict(key)), sort_keys=True, separators=(",", ":"))
 
 
 def group_label(key: Mapping[str, Any], varying: Iterable[str] = ()) -> str:
@@ -111,29 +99,6 @@ def _varying(keys: Sequence[Mapping[str, Any]]) -> set[str]:
 
 
 @dataclass
-class Stat:
-    """Mean, sample std and count of the finite values of one metric over a group's runs."""
-
-    mean: float | None
-    std: float | None
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[Any]) -> Stat:
-        finite = [float(v) for v in values
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        n = len(finite)
-        if n == 0:
-            return cls(None, None, 0)
-        mean = math.fsum(finite) / n
-        var = math.fsum((v - mean) ** 2 for v in finite) / (n - 1) if n > 1 else 0.0
-        return cls(mean, math.sqrt(var), n)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "n": self.n}
-
-
-@dataclass
 class Group:
     """The runs of one group key in a results folder."""
 
@@ -150,7 +115,7 @@ class Group:
 
     def stat(self, protocol: str, metric: str,
              seeds: Iterable[tuple[int, int]] | None = None) -> Stat:
-        return Stat.of(self.values(protocol, metric, seeds))
+        return Stat.of(self.values(protocol, metric, seeds), single_std=0.0)
 
 
 @dataclass
@@ -174,7 +139,7 @@ class Results:
                 continue
             try:
                 spec = record["spec"]
-                key = group_key(spec)
+                key = regress_group_key(spec)
                 seeds = (int(spec.get("split_seed", 0)), int(spec.get("train_seed", 0)))
             except (KeyError, TypeError, ValueError) as err:
                 raise UserError(f"record {record.get('fingerprint', '?')} under {base} has an "
@@ -188,7 +153,7 @@ class Results:
 def _failed_label(record: dict) -> str:
     spec = record.get("spec") or {}
     try:
-        label = group_label(group_key(spec))
+        label = group_label(regress_group_key(spec))
     except (TypeError, ValueError):
         label = str(record.get("fingerprint", "?"))
     seeds = tuple(spec.get(f) for f in SEED_FIELDS)
@@ -229,7 +194,7 @@ def build_baseline(results: Results, *, k: float = DEFAULT_K,
                       for g in results.groups.values() for r in g.records} - {"None"})
     return {
         "schema": SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_timestamp(),
         "source": {"results": source, "runs": sum(len(g.records) for g in results.groups.values()),
                    "commits": commits},
         "k": float(k),
@@ -415,7 +380,7 @@ def _base_stat(group: Mapping[str, Any] | None, protocol: str, metric: str,
     values = ((group.get("values") or {}).get(protocol) or {}).get(metric)
     if seeds is not None and values is not None and len(values) == len(group["seeds"]):
         by_seed = dict(zip(map(tuple, group["seeds"]), values))
-        sub = Stat.of(by_seed[s] for s in seeds)
+        sub = Stat.of((by_seed[s] for s in seeds), single_std=0.0)
         stat = Stat(sub.mean, stat.std, sub.n)
     return stat
 

@@ -15,7 +15,7 @@ ddof 1). Per setting the report builds:
   table per protocol, with an Average row;
 - a ``summary`` as in Table 3: (protocol, metric) x methods, the Average row of the above;
 - ``per-metric`` tables as in Tables A3-A8: categories x (protocol, method) for one metric;
-- ablation tables as in Tables 4, 5, 6, A1, A2 from presets named ``cdd-t4-*``, ``cdd-t5-*``,
+- ablation tables as in Tables 4, 5, 6, A1, A2 from variants named ``cdd-t4-*``, ``cdd-t5-*``,
   ``cdd-t6-*``, ``cdd-a1-*``, ``cdd-a2-*`` (No-overlap protocol, averages over categories).
 
 "PRO" is the RD4AD per-image PRO (``pro_rd4ad``) by default, because RD-family papers report
@@ -47,7 +47,6 @@ from bench.paper import (
     ABLATION_PREFIXES,
     ABLATION_ROW_ALIASES,
     PAPER_CATEGORIES,
-    PAPER_METHOD_LABELS,
     PAPER_RATIOS,
     PaperLookup,
     ablation_row_of,
@@ -55,6 +54,7 @@ from bench.paper import (
 )
 from bench.records import PROTOCOLS, is_complete, iter_records, run_dir, write_bytes_atomic
 from bench.spec import same_teacher_name
+from bench.stats import Stat
 
 REPORT_DIR = "report"
 PRO_VARIANTS = ("pro_rd4ad", "aupro")
@@ -65,13 +65,10 @@ PRO_DESCRIPTIONS = {
 PROTOCOL_TITLES = {"no_overlap": "No overlap", "overlap": "Overlap"}
 METRIC_TITLES = {"i_auroc": "I-AUC", "p_auroc": "P-AUC", "pro_rd4ad": "PRO", "aupro": "PRO",
                  "average": "Average"}
-# What the paper ran; anything else is flagged as not paper-comparable.
+# What the paper ran; anything else is flagged as not paper-comparable (with each method's
+# own ``paper_setup``: epochs, backbone, caps).
 PAPER_TEACHER_WEIGHTS = "imagenet"
 PAPER_IMAGE_SIZE = 224
-PAPER_EPOCHS = 200
-PAPER_BACKBONE = "wide_resnet50_2"
-# Config fields that cut training short of the paper's schedule when set.
-TRAINING_CAPS = ("max_steps", "max_steps_per_stage")
 MISSING = "—"
 AVERAGE = "Average"
 
@@ -125,7 +122,7 @@ class Run:
 
     fingerprint: str
     complete: bool
-    method: str  # the spec's method or preset name
+    method: str  # the spec's method or variant name
     label: str  # method plus config overrides, the column name
     setting: Setting
     category: str
@@ -238,21 +235,10 @@ def _planned_runs(results_dir: str | Path, known: set[str]) -> list[Run]:
 # Statistics and grids.
 
 
-@dataclass(frozen=True)
-class Stat:
-    """Mean over seeds, sample std (None for one seed or when not defined), and seed count."""
-
-    mean: float
-    std: float | None
-    n: int
-
-
 def stat_of(values: Iterable[float | None]) -> Stat | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return None
-    std = statistics.stdev(vals) if len(vals) > 1 else None
-    return Stat(statistics.fmean(vals), std, len(vals))
+    """Mean ± sample std over seeds (no std for one seed); None without any value."""
+    stat = Stat.of(values)
+    return stat if stat.n else None
 
 
 @dataclass
@@ -500,10 +486,16 @@ def grid_document(grid: Grid) -> str:
 # Building the tables of one setting.
 
 
+def _facts(label: str):
+    """The method facts (:func:`methods.base.method_facts`) of a column label's method."""
+    from methods.base import method_facts
+
+    return method_facts(label.split("[", 1)[0])
+
+
 def _method_order(label: str) -> tuple:
-    base = label.split("[", 1)[0]
-    # The paper's order: the baseline first, the proposed method last.
-    return ({"rd": 0, "cdd": 2}.get(base, 1), label)
+    # The paper's order (each method's ``column_rank``): baselines first, CDD last.
+    return (_facts(label).rank, label)
 
 
 def _category_order(dataset: str, categories: Iterable[str]) -> list[str]:
@@ -513,9 +505,16 @@ def _category_order(dataset: str, categories: Iterable[str]) -> list[str]:
 
 
 def _display(label: str) -> str:
-    base, _, rest = label.partition("[")
-    name = PAPER_METHOD_LABELS.get(base, base)
+    _, _, rest = label.partition("[")
+    name = _facts(label).label
     return f"{name}[{rest}" if rest else name
+
+
+def _columns(labels: list[str]) -> list[str]:
+    """Column titles of ``labels``, unique: two labels with the same title (a method and a
+    variant of it, say) keep their own names in brackets."""
+    titles = [_display(lb) for lb in labels]
+    return [f"{t} ({lb})" if titles.count(t) > 1 else t for t, lb in zip(titles, labels)]
 
 
 class _Cube:
@@ -569,119 +568,139 @@ def _paper_tables(setting: Setting, protocol: str, metric: str, kind: str) -> tu
     return ("3", a_table) if kind == "summary" and a_table else ((a_table,) if a_table else ())
 
 
-def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
-                        paper: PaperLookup) -> list[Grid]:
-    """Main (per protocol), summary and per-metric tables of one setting."""
-    metrics = ("i_auroc", "p_auroc", pro)
-    labels = sorted({r.label for r in runs}, key=_method_order)
-    categories = _category_order(setting.dataset, {r.category for r in runs})
-    cube = _Cube(runs, metrics)
-    pro_text = f"PRO = {PRO_DESCRIPTIONS[pro]}."
-    seeds = sorted({r.seed for r in runs if r.complete})
-    seed_text = (f"Mean ± std over seeds (split_seed, train_seed) {seeds}." if len(seeds) > 1
-                 else "")
-    coverage = _coverage_note(setting, categories)
-    grids = []
-    averages: dict[tuple[str, str, str], tuple[Stat | None, bool]] = {}
-    for label in labels:
-        for protocol in PROTOCOLS:
-            for metric in metrics:
-                averages[(label, protocol, metric)] = cube.average(
-                    label, categories, protocol, metric)
+@dataclass
+class _SettingTables:
+    """What every table of one setting shares: its methods (labels, in column order, and
+    their column titles), categories, the values, the category averages and the caption
+    texts."""
 
-    def paper_label(label: str) -> str | None:
-        base = label.split("[", 1)[0]
-        return PAPER_METHOD_LABELS.get(base)
+    setting: Setting
+    metrics: tuple[str, ...]
+    labels: list[str]
+    columns: list[str]
+    categories: list[str]
+    cube: _Cube
+    averages: dict[tuple[str, str, str], tuple[Stat | None, bool]]
+    pro_text: str
+    seed_text: str
+    coverage: str
+    paper: PaperLookup
 
-    full = _covers_paper(setting, categories)
+    @classmethod
+    def of(cls, setting: Setting, runs: list[Run], pro: str, paper: PaperLookup):
+        metrics = ("i_auroc", "p_auroc", pro)
+        labels = sorted({r.label for r in runs}, key=_method_order)
+        categories = _category_order(setting.dataset, {r.category for r in runs})
+        cube = _Cube(runs, metrics)
+        seeds = sorted({r.seed for r in runs if r.complete})
+        averages = {(label, protocol, metric): cube.average(label, categories, protocol, metric)
+                    for label in labels for protocol in PROTOCOLS for metric in metrics}
+        return cls(
+            setting=setting, metrics=metrics, labels=labels, columns=_columns(labels),
+            categories=categories, cube=cube, averages=averages,
+            pro_text=f"PRO = {PRO_DESCRIPTIONS[pro]}.",
+            seed_text=(f"Mean ± std over seeds (split_seed, train_seed) {seeds}."
+                       if len(seeds) > 1 else ""),
+            coverage=_coverage_note(setting, categories), paper=paper)
 
-    def paper_cell(tables_for, category, label, protocol, metric_list):
-        pl = paper_label(label)
-        if pl is None or (category == AVERAGE and not full):
+    @property
+    def notes(self) -> list[str]:
+        return [self.coverage] if self.coverage else []
+
+    def paper_cell(self, kind: str, category: str, label: str, protocol: str,
+                   metric_list) -> tuple[float | None, ...] | None:
+        """The paper's values of one cell, from the tables that hold ``kind``'s cells; an
+        average only where our categories are the paper's."""
+        name = _facts(label).paper_name
+        if name is None or (category == AVERAGE
+                            and not _covers_paper(self.setting, self.categories)):
             return None
+        s = self.setting
         vals = tuple(
-            paper.get(tables_for(protocol, m), setting.dataset, setting.noise_ratio, protocol,
-                      "average" if category == AVERAGE else category, pl, m)
+            self.paper.get(_paper_tables(s, protocol, m, kind), s.dataset, s.noise_ratio,
+                           protocol, "average" if category == AVERAGE else category, name, m)
             for m in metric_list)
         return vals if any(v is not None for v in vals) else None
 
-    for protocol in PROTOCOLS:
-        cells, paper_cells = {}, {}
-        cols = [_display(lb) for lb in labels]
-        for label, col in zip(labels, cols):
-            for cat in categories:
-                cells[(cat, "", col)] = Cell(tuple(cube.stat(label, cat, protocol, m)
-                                                   for m in metrics))
-            avg = [averages[(label, protocol, m)] for m in metrics]
-            cells[(AVERAGE, "", col)] = Cell(tuple(a[0] for a in avg), any(a[1] for a in avg))
-            for cat in [*categories, AVERAGE]:
-                pc = paper_cell(lambda p, m: _paper_tables(setting, p, m, "main"), cat, label,
-                                protocol, metrics)
-                if pc:
-                    paper_cells[(cat, "", col)] = pc
-        number = "1" if protocol == "no_overlap" else "2"
-        grid = Grid(
-            stem=f"main_{setting.slug}_{protocol}",
-            title=f"Table {number}-like: {PROTOCOL_TITLES[protocol]}, {setting.title}",
-            caption=(f"I-AUC / P-AUC / PRO under the {PROTOCOL_TITLES[protocol]} protocol on "
-                     f"{setting.title}; best in bold, second underlined. {pro_text} "
-                     f"{seed_text}").strip(),
-            row_header="Category", rows=[*categories, AVERAGE], groups=[("", cols)],
-            metrics=metrics, cells=cells, paper=paper_cells, kind="main",
-            notes=[coverage] if coverage else [])
-        grids.append(grid)
 
-    # Table 3-like summary: (protocol, metric) x methods, averages only.
+def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
+                        paper: PaperLookup) -> list[Grid]:
+    """Main (per protocol), summary and per-metric tables of one setting."""
+    tables = _SettingTables.of(setting, runs, pro, paper)
+    return [*(_main_grid(tables, protocol) for protocol in PROTOCOLS), _summary_grid(tables),
+            *(_per_metric_grid(tables, metric) for metric in tables.metrics)]
+
+
+def _main_grid(t: _SettingTables, protocol: str) -> Grid:
+    """Tables 1 and 2-like: categories x methods, I-AUC / P-AUC / PRO cells, for a protocol."""
+    cells, paper_cells = {}, {}
+    for label, col in zip(t.labels, t.columns):
+        for cat in t.categories:
+            cells[(cat, "", col)] = Cell(tuple(t.cube.stat(label, cat, protocol, m)
+                                               for m in t.metrics))
+        avg = [t.averages[(label, protocol, m)] for m in t.metrics]
+        cells[(AVERAGE, "", col)] = Cell(tuple(a[0] for a in avg), any(a[1] for a in avg))
+        for cat in [*t.categories, AVERAGE]:
+            pc = t.paper_cell("main", cat, label, protocol, t.metrics)
+            if pc:
+                paper_cells[(cat, "", col)] = pc
+    number = "1" if protocol == "no_overlap" else "2"
+    return Grid(
+        stem=f"main_{t.setting.slug}_{protocol}",
+        title=f"Table {number}-like: {PROTOCOL_TITLES[protocol]}, {t.setting.title}",
+        caption=(f"I-AUC / P-AUC / PRO under the {PROTOCOL_TITLES[protocol]} protocol on "
+                 f"{t.setting.title}; best in bold, second underlined. {t.pro_text} "
+                 f"{t.seed_text}").strip(),
+        row_header="Category", rows=[*t.categories, AVERAGE], groups=[("", t.columns)],
+        metrics=t.metrics, cells=cells, paper=paper_cells, kind="main", notes=t.notes)
+
+
+def _summary_grid(t: _SettingTables) -> Grid:
+    """Table 3-like summary: (protocol, metric) x methods, averages only."""
     rows, cells, paper_cells = [], {}, {}
-    cols = [_display(lb) for lb in labels]
     for protocol in PROTOCOLS:
-        for metric in metrics:
+        for metric in t.metrics:
             row = f"{PROTOCOL_TITLES[protocol]} {METRIC_TITLES[metric]}"
             rows.append(row)
-            for label, col in zip(labels, cols):
-                stat, partial = averages[(label, protocol, metric)]
+            for label, col in zip(t.labels, t.columns):
+                stat, partial = t.averages[(label, protocol, metric)]
                 cells[(row, "", col)] = Cell((stat,), partial)
-                pc = paper_cell(lambda p, m: _paper_tables(setting, p, m, "summary"), AVERAGE,
-                                label, protocol, (metric,))
+                pc = t.paper_cell("summary", AVERAGE, label, protocol, (metric,))
                 if pc:
                     paper_cells[(row, "", col)] = pc
-    grids.append(Grid(
-        stem=f"summary_{setting.slug}",
-        title=f"Table 3-like summary: {setting.title}",
-        caption=(f"Averages over categories on {setting.title}; best in bold, second "
-                 f"underlined. {pro_text} {seed_text}").strip(),
-        row_header="Setting / metric", rows=rows, groups=[("", cols)], metrics=("value",),
-        cells=cells, paper=paper_cells, kind="summary",
-        notes=[coverage] if coverage else []))
+    return Grid(
+        stem=f"summary_{t.setting.slug}",
+        title=f"Table 3-like summary: {t.setting.title}",
+        caption=(f"Averages over categories on {t.setting.title}; best in bold, second "
+                 f"underlined. {t.pro_text} {t.seed_text}").strip(),
+        row_header="Setting / metric", rows=rows, groups=[("", t.columns)], metrics=("value",),
+        cells=cells, paper=paper_cells, kind="summary", notes=t.notes)
 
-    # Tables A3-A8-like: one metric, both protocols side by side.
-    for metric in metrics:
-        cells, paper_cells = {}, {}
-        groups = [(PROTOCOL_TITLES[p], [_display(lb) for lb in labels]) for p in PROTOCOLS]
-        for protocol in PROTOCOLS:
-            group = PROTOCOL_TITLES[protocol]
-            for label in labels:
-                col = _display(label)
-                for cat in categories:
-                    cells[(cat, group, col)] = Cell((cube.stat(label, cat, protocol, metric),))
-                stat, partial = averages[(label, protocol, metric)]
-                cells[(AVERAGE, group, col)] = Cell((stat,), partial)
-                for cat in [*categories, AVERAGE]:
-                    pc = paper_cell(lambda p, m: _paper_tables(setting, p, m, "per_metric"), cat,
-                                    label, protocol, (metric,))
-                    if pc:
-                        paper_cells[(cat, group, col)] = pc
-        name = METRIC_TITLES[metric]
-        grids.append(Grid(
-            stem=f"per_metric_{setting.slug}_{metric}",
-            title=f"Table A3-A8-like: {name} on {setting.title}",
-            caption=(f"{name} under the No overlap and Overlap protocols on {setting.title}; "
-                     f"best in bold, second underlined. "
-                     f"{pro_text if metric == pro else ''} {seed_text}").strip(),
-            row_header="Category", rows=[*categories, AVERAGE], groups=groups,
-            metrics=("value",), cells=cells, paper=paper_cells, kind="per_metric",
-            notes=[coverage] if coverage else []))
-    return grids
+
+def _per_metric_grid(t: _SettingTables, metric: str) -> Grid:
+    """Tables A3-A8-like: one metric, both protocols side by side."""
+    cells, paper_cells = {}, {}
+    groups = [(PROTOCOL_TITLES[p], list(t.columns)) for p in PROTOCOLS]
+    for protocol in PROTOCOLS:
+        group = PROTOCOL_TITLES[protocol]
+        for label, col in zip(t.labels, t.columns):
+            for cat in t.categories:
+                cells[(cat, group, col)] = Cell((t.cube.stat(label, cat, protocol, metric),))
+            stat, partial = t.averages[(label, protocol, metric)]
+            cells[(AVERAGE, group, col)] = Cell((stat,), partial)
+            for cat in [*t.categories, AVERAGE]:
+                pc = t.paper_cell("per_metric", cat, label, protocol, (metric,))
+                if pc:
+                    paper_cells[(cat, group, col)] = pc
+    name = METRIC_TITLES[metric]
+    return Grid(
+        stem=f"per_metric_{t.setting.slug}_{metric}",
+        title=f"Table A3-A8-like: {name} on {t.setting.title}",
+        caption=(f"{name} under the No overlap and Overlap protocols on {t.setting.title}; "
+                 f"best in bold, second underlined. "
+                 f"{t.pro_text if metric == t.metrics[2] else ''} {t.seed_text}").strip(),
+        row_header="Category", rows=[*t.categories, AVERAGE], groups=groups,
+        metrics=("value",), cells=cells, paper=paper_cells, kind="per_metric", notes=t.notes)
 
 
 def _covers_paper(setting: Setting, categories: list[str]) -> bool:
@@ -698,19 +717,9 @@ def _coverage_note(setting: Setting, categories: list[str]) -> str:
     return ""
 
 
-def _preset_descriptions() -> dict[str, str]:
-    """Descriptions of the registered presets (row labels), or {} if methods cannot load."""
-    try:
-        import methods
-
-        return {p.name: p.description for p in methods.available_presets()}
-    except Exception:  # noqa: BLE001 - the report must render even if a method fails to import
-        return {}
-
-
 def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
                          paper: PaperLookup) -> list[Grid]:
-    """Tables 4, 5, 6, A1, A2-like grids from the ``cdd-t4-*`` ... ``cdd-a2-*`` presets."""
+    """Tables 4, 5, 6, A1, A2-like grids from the ``cdd-t4-*`` ... ``cdd-a2-*`` variants."""
     metrics = ("i_auroc", "p_auroc", pro)
     by_table: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
@@ -719,7 +728,6 @@ def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
             by_table[table].append(run)
     if not by_table:
         return []
-    descriptions = _preset_descriptions()
     protocol = "no_overlap"
     cols = [METRIC_TITLES[m] for m in metrics] + [METRIC_TITLES["average"]]
     grids = []
@@ -735,7 +743,7 @@ def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
         for label in labels:
             base = label.split("[", 1)[0]
             paper_row = ablation_row_of(base)
-            shown = paper_row or descriptions.get(base) or label
+            shown = paper_row or _facts(base).description or label
             row = f"{shown} ({label})" if shown != label else label
             rows.append(row)
             stats = []
@@ -754,7 +762,7 @@ def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
                                       paper_row, metric)
                     if value is not None:
                         paper_cells[(row, "", col)] = (value,)
-        notes = ["Rows are presets; the paper row a preset matches comes from its name "
+        notes = ["Rows are method variants; the paper row a variant matches comes from its name "
                  "(see docs/report.md). Averages over categories, No overlap protocol."]
         coverage = _coverage_note(setting, categories)
         if coverage:
@@ -798,7 +806,6 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     commits, devices, weights, sizes, sweeps = set(), set(), set(), set(), set()
     epochs: dict[str, set] = defaultdict(set)
     backbones: set[str] = set()
-    caps: set[str] = set()
     split_seeds, train_seeds = set(), set()
     for run in done:
         env = run.record.get("environment") or {}
@@ -817,7 +824,6 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
             epochs[run.method].add(cfg["epochs"])
         if cfg.get("backbone"):
             backbones.add(str(cfg["backbone"]))
-        caps |= {f"{name}={cfg[name]}" for name in TRAINING_CAPS if cfg.get(name) is not None}
         split_seeds.add(run.seed[0])
         train_seeds.add(run.seed[1])
         if run.record.get("sweep"):
@@ -843,15 +849,31 @@ def provenance(runs: list[Run]) -> tuple[list[str], list[str]]:
     bad_sizes = sorted(s for s in sizes if s != PAPER_IMAGE_SIZE)
     if bad_sizes:
         reasons.append(f"image size {', '.join(map(str, bad_sizes))} (paper: 224)")
-    bad_epochs = sorted({str(e) for v in epochs.values() for e in v if e != PAPER_EPOCHS})
-    if bad_epochs:
-        reasons.append(f"epochs {', '.join(bad_epochs)} (paper: 200)")
-    bad_backbones = sorted(b for b in backbones if b != PAPER_BACKBONE)
-    if bad_backbones:
-        reasons.append(f"backbone {', '.join(bad_backbones)} (paper: {PAPER_BACKBONE})")
+    return lines, reasons + _setup_departures(done)
+
+
+def _setup_departures(runs: list[Run]) -> list[str]:
+    """Where the runs' resolved configs leave the paper's setup, each method's own
+    (``paper_setup``): ``epochs 12 (paper: 200)``, and the caps the paper did not set (a
+    ``None`` there) as ``training capped by max_steps=2``."""
+    differ: dict[tuple[str, str], set[str]] = {}  # (field, paper value) -> values, in order
+    caps: set[str] = set()
+    for run in runs:
+        # resolved_config has every field; a failed run only has the spec's overrides.
+        cfg = run.record.get("resolved_config") or run.record["spec"].get("config") or {}
+        for name, paper_value in _facts(run.method).paper_setup.items():
+            if name not in cfg:
+                continue
+            if paper_value is None:
+                if cfg[name] is not None:
+                    caps.add(f"{name}={cfg[name]}")
+            elif cfg[name] != paper_value:
+                differ.setdefault((name, str(paper_value)), set()).add(str(cfg[name]))
+    reasons = [f"{name} {', '.join(sorted(values))} (paper: {paper_value})"
+               for (name, paper_value), values in differ.items()]
     if caps:
         reasons.append(f"training capped by {', '.join(sorted(caps))} (paper: full epochs)")
-    return lines, reasons
+    return reasons
 
 
 def missing_runs(runs: list[Run]) -> list[dict]:

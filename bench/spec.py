@@ -1,6 +1,6 @@
 """What one benchmark run is: a :class:`RunSpec`, and its fingerprint.
 
-A run is a pure function of its spec: the method (a registered method or a named preset) with
+A run is a pure function of its spec: the method (a registered method or a named variant) with
 its config overrides, the dataset and category, the noise ratio, the split and training seeds,
 the image geometry and the teacher weights. The training budget (epochs, steps) lives in the
 method's config, so it is part of the spec through ``config``.
@@ -31,7 +31,7 @@ SPEC_VERSION = 1
 class RunSpec:
     """One run of one method on one category at one noise ratio and seed pair."""
 
-    method: str  # registered method or method preset name (e.g. "rd", "cdd", "cdd-t5-k3")
+    method: str  # registered method or variant name (e.g. "rd", "cdd", "cdd-t5-k3")
     config: Mapping[str, Any] = field(default_factory=dict)  # overrides of the method's config
     dataset: str = "synthetic"  # mvtec | visa | synthetic
     data_root: str = ""  # where the data is; not part of the fingerprint

@@ -6,7 +6,7 @@ A preset file holds::
     dataset: mvtec | visa | synthetic
     data_root: optional default folder (``--data-root`` wins; else ./data/<dataset>)
     categories: all | [bottle, cable, ...]
-    methods:                      # names of registered methods or method presets
+    methods:                      # names of registered methods or method variants
       - rd
       - name: cdd
         config: {epochs: 100}     # per-method overrides
@@ -23,8 +23,10 @@ A preset file holds::
     teacher_weights: imagenet     # imagenet | random | path to a state_dict
     config: {backbone: wide_resnet50_2, epochs: 200}   # defaults for every method with the field
 
-Config precedence, lowest first: the preset's ``config`` defaults (applied to each method that
-has the field), the method preset's registered overrides (an ablation row stays what it is),
+Config precedence, lowest first: the method's own defaults for the run's dataset and category
+(``category_overrides``, applied when a run's config is resolved), the preset's ``config``
+defaults (applied to each method that has the field), the variant's registered overrides (an
+ablation row stays what it is),
 the method entry's ``config``, then ``--set`` from the command line (``--set KEY=V`` applies to
 every method with the field, like the preset's defaults; ``--set METHOD.KEY=V`` to one method;
 a key that no method of the sweep has is an error). Every value is type-checked
@@ -52,13 +54,7 @@ import yaml
 
 from bench.errors import UserError
 from bench.spec import RunSpec, canonical_value
-from methods.base import (
-    available_methods,
-    config_fields,
-    get_preset,
-    make_config,
-    resolve_method,
-)
+from methods.base import config_fields, is_known, make_config, resolve_method
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DATASETS = ("mvtec", "visa", "synthetic")
@@ -71,7 +67,7 @@ _METHOD_KEYS = {"name", "config", "optional", "image_size", "resize_size"}
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """One method of a sweep: a registered method or preset name, plus its own overrides."""
+    """One method of a sweep: a registered method or variant name, plus its own overrides."""
 
     name: str
     config: Mapping[str, Any] = field(default_factory=dict)
@@ -307,7 +303,7 @@ def _select_methods(preset: Preset, wanted: Sequence[str] | None) -> list[Method
         entries = [by_name.get(name, MethodEntry(name)) for name in wanted]
     selected = []
     for entry in entries:
-        known = entry.name in available_methods() or get_preset(entry.name) is not None
+        known = is_known(entry.name)
         if not known and entry.optional and not wanted:
             continue
         resolve_method(entry.name)  # unknown name -> one-line UserError
@@ -319,10 +315,10 @@ def _select_methods(preset: Preset, wanted: Sequence[str] | None) -> list[Method
 
 def _method_config(entry: MethodEntry, preset: Preset, set_map) -> dict[str, Any]:
     """Merged, type-checked overrides of one method entry (see precedence in the docstring)."""
-    base, preset_overrides = resolve_method(entry.name)
+    base, variant_overrides = resolve_method(entry.name)
     fields = {f.name for f in config_fields(base)}
     merged = {k: v for k, v in preset.config.items() if k in fields}
-    merged.update(preset_overrides)
+    merged.update(variant_overrides)
     for key in entry.config:
         if key not in fields:
             raise UserError(f"preset {preset.path}: method {entry.name!r} has no config field "

@@ -2,10 +2,10 @@
 
 The paper's ablation tables repeat configurations under other row names: Table 4's full CDD is
 Table 5's K=2 row and Table A2's S-curve row, Table 5's K=3 row is Table 6's Consensual row,
-Table 4's row 4 is Table A1's r=0.5 row, and Table 5's {2,3,3,2} row is the paper presets' CDD. A run is a pure function of its spec, so two specs whose
+Table 4's row 4 is Table A1's r=0.5 row, and Table 5's {2,3,3,2} row is the paper sweeps' CDD. A run is a pure function of its spec, so two specs whose
 methods resolve to the same registered method with the same full config, on the same data,
-split, seeds, image size and teacher, give the same result. Their **training identity** is the
-hash of exactly that.
+split, seeds, image size and teacher, give the same result: they share a **training identity**
+(:mod:`bench.identity`).
 
 A sweep therefore trains one spec of each identity (the *leader*) and writes the others' records
 from its result (*followers*), and a later sweep reuses a complete record already in the
@@ -17,65 +17,16 @@ results folder. A reused record is the source's, with its own spec and fingerpri
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.records import (
-    MANIFEST_FILE,
-    RECORD_FILE,
-    SCORES_FILE,
-    is_complete,
-    iter_records,
-    run_dir,
-)
-from bench.spec import RunSpec, canonical_value, same_teacher_name
-
-_NOT_TRAINING = ("method", "config", "data_root")  # replaced by the resolved method and config
-
-
-def _identity(base: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
-    body = {"method": base, "config": canonical_value(json.loads(json.dumps(resolved))),
-            **{k: v for k, v in spec.items() if k not in _NOT_TRAINING}}
-    body["teacher_weights"] = same_teacher_name(str(body.get("teacher_weights")))
-    text = json.dumps(canonical_value(body), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def resolved_config(spec: RunSpec) -> tuple[str, Any]:
-    """(registered method, its full config) for ``spec``: preset overrides, then the spec's."""
-    from methods.base import make_config, resolve_method
-
-    base, overrides = resolve_method(spec.method)
-    return base, make_config(base, {**overrides, **dict(spec.config)})
-
-
-def training_identity(spec: RunSpec) -> str | None:
-    """The hash of what ``spec`` trains and evaluates; None when its method cannot be resolved
-    (the run then fails on its own, with its own message)."""
-    try:
-        base, config = resolved_config(spec)
-    except Exception:  # noqa: BLE001 - an unknown method or bad value is the run's own error
-        return None
-    return _identity(base, dataclasses.asdict(config), spec.to_dict())
-
-
-def record_identity(record: Mapping[str, Any]) -> str | None:
-    """The training identity of a complete record (from its spec and resolved config)."""
-    from methods.base import resolve_method
-
-    spec, resolved = record.get("spec"), record.get("resolved_config")
-    if not is_complete(record) or not isinstance(spec, Mapping) or resolved is None:
-        return None
-    try:
-        base, _ = resolve_method(str(spec["method"]))
-        return _identity(base, resolved, spec)
-    except Exception:  # noqa: BLE001 - a record of a method not registered here: not reusable
-        return None
+from bench.identity import record_training_identity, training_identity
+from bench.records import MANIFEST_FILE, RECORD_FILE, SCORES_FILE, iter_records, run_dir
+from bench.spec import RunSpec
+from bench.worker import RunResult
 
 
 @dataclass
@@ -115,7 +66,7 @@ def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = 
                     pass
                 continue
             if use_disk:
-                ident = record_identity(record) if record.get("spec") else None
+                ident = record_training_identity(record) if record.get("spec") else None
                 if ident in wanted and ident not in on_disk:
                     on_disk[ident] = run_dir(results, record["fingerprint"])
     plan = ReusePlan()
@@ -139,8 +90,6 @@ def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = 
 def copy_result(record: Mapping[str, Any], spec: RunSpec, source: str | Path,
                 scores: bytes | None, manifest: bytes | None, sweep: str | None):
     """A follower's result: the source record under ``spec``'s name, files copied."""
-    from bench.runner import RunResult
-
     new = copy.deepcopy(dict(record))
     new.update(fingerprint=spec.fingerprint, spec=spec.to_dict(), sweep=sweep,
                reused_from=str(source))

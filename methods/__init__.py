@@ -4,9 +4,9 @@ Importing this package registers every built-in method.
 """
 
 from methods.base import (  # noqa: F401
-    ColumnInfo,
     EpochObserver,
     Method,
+    MethodFacts,
     MethodPreset,
     MethodVariant,
     Prediction,
@@ -15,11 +15,11 @@ from methods.base import (  # noqa: F401
     available_presets,
     available_variants,
     build_method,
-    column_info,
     get_method_class,
     get_preset,
     get_variant,
     is_known,
+    method_facts,
     register_method,
     register_preset,
     register_variant,

@@ -233,6 +233,14 @@ def build_teacher(backbone: str, weights: str) -> Teacher:
     return Teacher(backbone, *load_backbone_net(backbone, weights))
 
 
+def teacher_check(backbone: str, weights: str):
+    """A method's ``weights_check`` for a teacher of ``backbone`` with ``weights``: the key
+    and the loader (random weights need no check: None)."""
+    if random_teacher_seed(weights) is not None:
+        return None
+    return ("torchvision", backbone, weights), lambda: build_teacher(backbone, weights)
+
+
 def build_encoder(backbone: str, weights: str) -> Encoder:
     """A trainable :class:`Encoder` (on CPU, in train mode) starting from ``weights``, loaded
     and checked exactly as :func:`build_teacher` does."""

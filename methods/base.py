@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -117,7 +117,11 @@ class Method(abc.ABC):
     - ``paper_setup``: config values of the paper's own runs (e.g. ``{"epochs": 200}``); a
       record whose resolved config differs is flagged as not paper-comparable;
     - ``smoke_overrides``: config overrides that make a run take seconds on a CPU at 64 px
-      (benchmarks, smoke checks), never a paper setting.
+      (benchmarks, smoke checks), never a paper setting;
+    - ``category_overrides``: config defaults that the official code sets per dataset and
+      category (``{"mvtec": {"cable": {"iterations": 10000}, "*": {...}}}``; ``"*"`` is the
+      dataset's default, a category's own entry wins). They apply to a run of that dataset
+      and category for every field its spec does not set (:func:`resolve_config`).
     """
 
     name: ClassVar[str]
@@ -127,6 +131,22 @@ class Method(abc.ABC):
     column_rank: ClassVar[int] = 80
     paper_setup: ClassVar[Mapping[str, Any]] = {}
     smoke_overrides: ClassVar[Mapping[str, Any]] = {}
+    category_overrides: ClassVar[Mapping[str, Mapping[str, Mapping[str, Any]]]] = {}
+
+    @classmethod
+    def defaults_for(cls, dataset: str | None, category: str | None) -> dict[str, Any]:
+        """The ``category_overrides`` that apply to ``dataset``/``category`` (may be empty)."""
+        table = cls.category_overrides.get(dataset or "", {})
+        return {**table.get("*", {}), **table.get(category or "", {})}
+
+    @classmethod
+    def weights_check(cls, config: Any, teacher_weights: str
+                      ) -> tuple[Hashable, Callable[[], object]] | None:
+        """What ``fit`` will load that may be unavailable (a download offline, a wrong file):
+        a key (equal keys load the same thing) and a function that loads it or raises a
+        one-line UserError; None when there is nothing to check. The driver calls it for the
+        runs that will train, once per key, before any of them starts."""
+        return None
 
     @classmethod
     def config_from_dict(cls, values: Mapping[str, Any]) -> Any:
@@ -269,31 +289,39 @@ def resolve_method(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
-def resolve_config(name: str, overrides: Mapping[str, Any] | None = None) -> tuple[str, Any]:
-    """(registered method, its full typed config) for a method or variant name with
-    ``overrides`` on top of the variant's own: the one place a run's config is resolved."""
+def resolve_config(name: str, overrides: Mapping[str, Any] | None = None, *,
+                   dataset: str | None = None, category: str | None = None) -> tuple[str, Any]:
+    """(registered method, its full typed config) for a method or variant name: the one place
+    a run's config is resolved. Lowest first: the config's defaults, the method's own per
+    dataset/category defaults (``category_overrides``), the variant's overrides, ``overrides``
+    (a spec's config)."""
     method, variant_overrides = resolve_method(name)
-    return method, make_config(method, {**variant_overrides, **dict(overrides or {})})
+    per_category = get_method_class(method).defaults_for(dataset, category)
+    return method, make_config(method, {**per_category, **variant_overrides,
+                                        **dict(overrides or {})})
 
 
 @dataclass(frozen=True)
-class ColumnInfo:
-    """How reports show a method or variant name: title, paper label, rank."""
+class MethodFacts:
+    """What reports need to know of a method or variant name (from its method's class)."""
 
-    label: str
-    paper_name: str | None
-    rank: int
+    label: str  # column title
+    paper_name: str | None  # the paper's column label, None when the paper has no column
+    rank: int  # column order
+    paper_setup: Mapping[str, Any]  # config values of the paper's runs
+    description: str = ""  # a variant's description
 
 
-def column_info(name: str) -> ColumnInfo:
-    """Report column facts of a method or variant name; a name not registered here (a record
-    of a plugin not loaded) keeps its own name and the default rank."""
+def method_facts(name: str) -> MethodFacts:
+    """Report facts of a method or variant name; a name not registered here (a record of a
+    plugin not loaded) keeps its own name, the default rank and no paper setup."""
     variant = _VARIANTS.get(name)
     cls = _METHODS.get(variant.method if variant else name)
     if cls is None:
-        return ColumnInfo(name, None, Method.column_rank)
+        return MethodFacts(name, None, Method.column_rank, {})
     label = (variant.label if variant and variant.label else None) or cls.label()
-    return ColumnInfo(label, cls.paper_name, cls.column_rank)
+    return MethodFacts(label, cls.paper_name, cls.column_rank, dict(cls.paper_setup),
+                       variant.description if variant else "")
 
 
 # Former names of the variant API, kept so that plugins written against them keep working.
@@ -421,8 +449,11 @@ def build_method(
     teacher_weights: str = "imagenet",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    dataset: str | None = None,
+    category: str | None = None,
 ) -> Method:
-    """Instantiate a method (or variant) by name with config overrides applied on top."""
-    method, config = resolve_config(name, overrides)
+    """Instantiate a method (or variant) by name with config overrides applied on top, and the
+    method's own defaults for ``dataset``/``category`` below them (:func:`resolve_config`)."""
+    method, config = resolve_config(name, overrides, dataset=dataset, category=category)
     cls = get_method_class(method)
     return cls(config, teacher_weights=teacher_weights, device=device, seed=seed)

@@ -36,6 +36,7 @@ from methods.backbones import (
     Teacher,
     build_teacher,
     check_backbone,
+    teacher_check,
     teacher_input,
     weights_id,
 )
@@ -518,7 +519,7 @@ class ReverseDistillation(Method):
     display_name = paper_name = "RD"
     column_rank = 10
     # The paper's runs: WRN50 teacher, 200 epochs, no step cap (CDD paper §5.1).
-    paper_setup = {"backbone": "wide_resnet50_2", "epochs": 200, "max_steps": None}
+    paper_setup = {"epochs": 200, "backbone": "wide_resnet50_2", "max_steps": None}
     smoke_overrides = {"backbone": "resnet18", "epochs": 1, "max_steps": 2, "batch_size": 4}
 
     def __init__(self, config: RDConfig | None = None, *, teacher_weights: str = "imagenet",
@@ -674,6 +675,11 @@ class ReverseDistillation(Method):
         student = RDStudent(self.config.backbone)
         student.load_state_dict(state["student"])
         self.student = student.to(self.device, memory_format=self._memory_format()).eval()
+
+    @classmethod
+    def weights_check(cls, config, teacher_weights):
+        """The teacher: (backbone, weights), built once (a random teacher needs no check)."""
+        return teacher_check(config.backbone, teacher_weights)
 
     def _weights_id(self) -> str:
         if self.teacher is not None:

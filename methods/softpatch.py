@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from bench.errors import UserError
 from methods import coreset as cs
-from methods.backbones import build_teacher, check_backbone, weights_id
+from methods.backbones import build_teacher, check_backbone, teacher_check, weights_id
 from methods.base import EpochObserver, Method, Prediction, TrainSet, register_method
 
 STATE_FORMAT = "softpatch-bank/1"
@@ -377,6 +377,11 @@ class SoftPatch(Method):
 
     # ---------------------------------------------------------------------------------------
     # State
+
+    @classmethod
+    def weights_check(cls, config, teacher_weights):
+        """The teacher: (backbone, weights), built once (a random teacher needs no check)."""
+        return teacher_check(config.backbone, teacher_weights)
 
     def _teacher_id(self) -> str:
         if self._teacher is not None:

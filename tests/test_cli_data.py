@@ -314,7 +314,7 @@ def test_list_shows_datasets_categories_methods_and_presets(synthetic_root, caps
         assert f"\n  {name} " in out
     assert "categories of synthetic" in out and "  grass " in out and "  nut " in out
     assert "methods (config fields and defaults):" in out
-    assert "method presets:" in out and "sweep presets:" in out
+    assert "method variants" in out and "sweep presets:" in out
     import methods
     from methods.base import config_fields
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from test_runner import PLUGIN, make_spec, synthetic_root  # noqa: F401  (fixture, methods)
 
+from bench.driver import run_sweep
 from bench.executors import _claim_gpu, make_executor
 from bench.records import SCORES_FILE, load_records, run_dir
-from bench.runner import JobOptions, run_sweep
+from bench.worker import JobOptions
 
 
 def _sweep(root):

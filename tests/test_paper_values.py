@@ -1,4 +1,4 @@
-"""The transcribed paper values (results/paper/*.csv) against the paper itself.
+"""The transcribed paper values (bench/paper_values/*.csv) against the paper itself.
 
 Three layers: the shape of every table, cells typed by hand from the paper (the quirks of its
 Markdown included), and a sample of cells across tables re-read from the paper's text by a

@@ -13,6 +13,7 @@ from bench import regress
 from bench.cli import main
 from bench.commands import regress as command
 from bench.errors import UserError
+from bench.identity import regress_group_key
 from bench.records import (
     METRIC_NAMES,
     PROTOCOLS,
@@ -112,9 +113,9 @@ def test_same_runs_elsewhere_match_by_spec_not_path(sweep, tmp_path):
     # Another data_root changes nothing; the group key is the spec without root and seeds.
     results, baseline = sweep
     spec = spec_of("rd", "a", 0)
-    assert regress.group_key(spec.to_dict()) == regress.group_key(
+    assert regress_group_key(spec.to_dict()) == regress_group_key(
         spec.replace(data_root="/elsewhere", split_seed=7, train_seed=8).to_dict())
-    assert regress.group_key(spec.to_dict()) != regress.group_key(
+    assert regress_group_key(spec.to_dict()) != regress_group_key(
         spec.replace(noise_ratio=0.2).to_dict())
 
 

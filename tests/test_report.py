@@ -156,7 +156,7 @@ def test_missing_and_failed_runs_show_as_dash_and_are_listed(tmp_path):
 
 def test_runs_a_sweep_planned_but_never_made_are_listed(tmp_path):
     """A category no method reached is still a row: the sweep's plan names it."""
-    from bench.commands.run import write_sweep_plan
+    from bench.driver import write_sweep_plan
     from bench.spec import RunSpec
 
     res = tmp_path / "res"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.driver import partition, run_sweep, write_result
 from bench.records import (
     METRIC_NAMES,
     RECORD_FILE,
@@ -27,8 +28,8 @@ from bench.records import (
     load_records,
     run_dir,
 )
-from bench.runner import JobOptions, RunResult, partition, run_one, run_sweep, write_result
 from bench.spec import RunSpec
+from bench.worker import JobOptions, RunResult, run_one
 from methods.base import Method, Prediction, get_method_class, register_method
 
 PLUGIN = "test_runner"
@@ -161,7 +162,7 @@ def test_cpu_peak_memory_is_the_runs_own(synthetic_root):
 
 
 def test_summary_keeps_a_user_error_whole_and_cuts_tracebacks(synthetic_root):
-    from bench.runner import SweepSummary
+    from bench.driver import SweepSummary
 
     spec = make_spec(synthetic_root)
     advice = "put it at /a/long/path/" + "x" * 300 + ".pth"
@@ -241,7 +242,7 @@ def test_rerun_retracts_the_old_record_before_writing_scores(synthetic_root, tmp
     def disk_full(path, obj):
         raise OSError("disk full")
 
-    monkeypatch.setattr("bench.runner.write_json_atomic", disk_full)
+    monkeypatch.setattr("bench.driver.write_json_atomic", disk_full)
     with pytest.raises(OSError):
         write_result(tmp_path, result)
     assert load_record(folder / RECORD_FILE) is None

@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 from test_runner import make_spec, synthetic_root  # noqa: F401  (fixture, methods)
 
+from bench.driver import run_sweep
 from bench.records import is_complete, load_records
-from bench.runner import JobOptions, run_sweep
 from bench.tracking import Tracker, flatten, resolve_tracking_uri, step_metrics
+from bench.worker import JobOptions
 
 
 def _free_port() -> int:

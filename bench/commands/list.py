@@ -1,5 +1,5 @@
 """``run_benchmark.py list``: datasets, categories found, methods with their config fields and
-defaults, method presets and sweep presets."""
+defaults, method variants and sweep presets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import yaml
 
 from bench.errors import UserError
 
-HELP = "show datasets (and categories found under --data-root), methods, method and sweep presets"
+HELP = ("show datasets (and categories found under --data-root), methods, method variants and "
+        "sweep presets")
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -59,13 +60,13 @@ def method_lines() -> list[str]:
             lines.append(f"    {field.name}: {_type_name(field)} = {_default(field)}")
     if not lines:
         lines.append("  (none registered)")
-    presets = methods.available_presets()
-    lines.append("method presets:")
-    for preset in presets:
-        overrides = ", ".join(f"{k}={v!r}" for k, v in preset.overrides.items()) or "defaults"
-        desc = f"  {preset.description}" if preset.description else ""
-        lines.append(f"  {preset.name:<20} {preset.method}({overrides}){desc}")
-    if not presets:
+    variants = methods.available_variants()
+    lines.append("method variants (named configs; use them like methods):")
+    for variant in variants:
+        overrides = ", ".join(f"{k}={v!r}" for k, v in variant.overrides.items()) or "defaults"
+        desc = f"  {variant.description}" if variant.description else ""
+        lines.append(f"  {variant.name:<20} {variant.method}({overrides}){desc}")
+    if not variants:
         lines.append("  (none registered)")
     return lines
 

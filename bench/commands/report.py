@@ -17,10 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "papers report it)")
     parser.add_argument("--no-figures", action="store_true",
                         help="tables and index only (faster)")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[],
+                        metavar="MODULE",
+                        help="import MODULE first (a method it registers gets its own column "
+                             "title, order and paper values)")
 
 
 def run(args: argparse.Namespace) -> int:
     from bench.report import render_report
+    from methods.registry_loader import import_plugins
+
+    import_plugins(args.plugins)
 
     path = render_report(args.results, args.out, pro=args.pro, figures=not args.no_figures)
     print(f"report written to {path}")

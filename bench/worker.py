@@ -1,17 +1,13 @@
-"""Run one spec (in a worker) and drive a sweep (in the driver).
+"""The worker's side of a sweep: one :class:`RunSpec` in, one :class:`RunResult` out.
 
-:func:`run_one` is what a worker executes: it loads the category, draws the noisy split, trains
-the method **once**, predicts the whole test set once and evaluates both protocols from that
-prediction (*No overlap* is the test set minus the injected images; *Overlap* is all of it),
-scores the training images with their injected flags (the paper's histograms), and measures
-timings. It returns the record and the bytes of ``scores.npz`` and the split manifest; it never
-writes to the results store. A failure inside the run becomes a ``failed`` record, never an
-exception, so one bad run cannot stop a sweep.
-
-:func:`run_sweep` is the driver: it skips runs that already have a complete record with the same
-fingerprint (unless forced), hands the rest to an executor, and, as each result streams back,
-writes it atomically (scores and manifest first, the record last: the record is the done
-marker) and logs it to MLflow. Ctrl-C leaves finished runs complete and no partial record.
+:func:`run_one` is what an executor runs, in this process or in another: it loads the category,
+draws the noisy split, trains the method **once**, predicts the whole test set once and
+evaluates both protocols from that prediction (*No overlap* is the test set minus the injected
+images; *Overlap* is all of it), scores the training images with their injected flags (the
+paper's histograms), and measures timings. It returns the record and the bytes of
+``scores.npz`` and the split manifest, and writes nothing: the driver (:mod:`bench.driver`)
+stores results. A failure inside the run becomes a ``failed`` record, never an exception, so one
+bad run cannot stop a sweep.
 """
 
 from __future__ import annotations
@@ -21,32 +17,19 @@ import gc
 import hashlib
 import io
 import math
-import os
 import resource
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from bench.records import (
-    MANIFEST_FILE,
-    METRIC_NAMES,
-    RECORD_FILE,
-    SCHEMA_VERSION,
-    SCORES_FILE,
-    is_complete,
-    load_record,
-    run_dir,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from bench.records import METRIC_NAMES, SCHEMA_VERSION, json_ready
 from bench.spec import RunSpec
+from bench.util import utc_timestamp
 
 FIGURE_SIZE = 64  # side of the maps/masks/images kept in scores.npz for figures
 WARMUP_IMAGES = 8  # images predicted once, untimed, before the throughput measurement
@@ -77,10 +60,6 @@ class JobOptions:
     cache_dir: str | None = None  # on-disk decoded-image cache shared between runs
 
 
-# --------------------------------------------------------------------------------------------
-# Worker side
-
-
 def resolve_device(device: str | None) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; others are checked."""
     import torch
@@ -97,19 +76,6 @@ def resolve_device(device: str | None) -> str:
     except RuntimeError:
         raise UserError(f"bad --device {device!r}; use auto, cpu, cuda or cuda:N") from None
     return device
-
-
-def import_plugins(plugins: Iterable[str]) -> None:
-    """Import the modules that register extra methods (``--plugin``), in workers too."""
-    import importlib
-
-    from bench.errors import UserError
-
-    for name in plugins:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise UserError(f"cannot import plugin module {name!r}: {err}; check PYTHONPATH") from None
 
 
 _IMAGE_CACHES: dict[str | None, Any] = {}
@@ -263,6 +229,8 @@ def run_one(spec: RunSpec, options: JobOptions = JobOptions()) -> RunResult:
     try:
         import torch
 
+        from methods.registry_loader import import_plugins
+
         import_plugins(options.plugins)
         if options.threads:
             torch.set_num_threads(int(options.threads))
@@ -284,81 +252,125 @@ def run_one(spec: RunSpec, options: JobOptions = JobOptions()) -> RunResult:
             pass
 
 
-def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> RunResult:
-    import torch
-    from tqdm.auto import tqdm
+@dataclass
+class _RunData:
+    """A run's images and labels: the noisy split, loaded at the spec's geometry."""
 
-    from bench.environment import environment
-    from bench.metrics import evaluate
+    split: Any
+    manifest: bytes
+    train_images: Any  # uint8 tensor (M, 3, H, W), the split's training list in order
+    injected: np.ndarray  # (M,) bool
+    test: list  # every test sample (the Overlap set), scored once
+    in_no_overlap: np.ndarray  # (N,) bool: False for the injected images
+    test_images: Any  # uint8 tensor (N, 3, H, W)
+    test_labels: np.ndarray  # (N,) uint8
+    test_masks: np.ndarray  # (N, H, W) uint8
+    preprocess: Any
+    cache: Any
+
+
+def _load_data(spec: RunSpec, options: JobOptions) -> _RunData:
+    """The split is a pure function of (dataset, category, ratio, split seed)."""
     from datasets import Preprocess, load_category, load_images, load_masks, make_split
     from datasets.splits import manifest_bytes
-    from methods.base import TrainSet, build_method
 
-    peak_reset = reset_peak_memory(device)
-    torch.manual_seed(spec.train_seed)
-    np.random.seed(spec.train_seed % 2**32)
-
-    # Data: the split is a pure function of (dataset, category, ratio, split seed).
     data = load_category(spec.dataset, spec.data_root, spec.category)
     split = make_split(data, spec.noise_ratio, spec.split_seed)
-    manifest = manifest_bytes(split)
     preprocess = Preprocess(resize=spec.resize_size, crop=spec.image_size)
     cache = _image_cache(options.cache_dir)
-    train_images = load_images(split.train, preprocess, cache)
-    injected = np.asarray(split.injected, dtype=bool)
     test = list(split.test_overlap)  # the union: every test image, scored once
     injected_keys = {s.key for s, inj in zip(split.train, split.injected) if inj}
-    in_no_overlap = np.array([s.key not in injected_keys for s in test], dtype=bool)
-    test_images = load_images(test, preprocess, cache)
-    test_labels = np.array([s.label for s in test], dtype=np.uint8)
-    test_masks = load_masks(test, preprocess, cache)
+    return _RunData(
+        split=split,
+        manifest=manifest_bytes(split),
+        train_images=load_images(split.train, preprocess, cache),
+        injected=np.asarray(split.injected, dtype=bool),
+        test=test,
+        in_no_overlap=np.array([s.key not in injected_keys for s in test], dtype=bool),
+        test_images=load_images(test, preprocess, cache),
+        test_labels=np.array([s.label for s in test], dtype=np.uint8),
+        test_masks=load_masks(test, preprocess, cache),
+        preprocess=preprocess,
+        cache=cache,
+    )
 
-    method = build_method(spec.method, spec.config, teacher_weights=spec.teacher_weights,
-                          device=device, seed=spec.train_seed)
+
+def _train(spec: RunSpec, method, data: _RunData, options: JobOptions, device: str):
+    """Fit ``method`` on the noisy training set; (observer with the logs, fit seconds)."""
+    from tqdm.auto import tqdm
+
+    from methods.base import TrainSet
+
     epochs = getattr(method.config, "epochs", None)
     bar = tqdm(total=epochs, desc=f"  {spec.method} {spec.category} r={spec.noise_ratio:g}",
                unit="ep", leave=False, disable=not options.progress, file=sys.stderr)
     observer = RunObserver(
-        injected, lambda per_sample, flags: method.diagnostics(per_sample, flags, method.config),
-        bar)
-
-    # One training ...
+        data.injected,
+        lambda per_sample, flags: method.diagnostics(per_sample, flags, method.config), bar)
     _sync(device)
     t0 = time.perf_counter()
     try:
         # Opaque names: the file paths would tell a method which images came from test/.
-        names = tuple(f"train-{i:05d}" for i in range(len(split.train)))
-        method.fit(TrainSet(train_images, names), observer=observer)
+        names = tuple(f"train-{i:05d}" for i in range(len(data.split.train)))
+        method.fit(TrainSet(data.train_images, names), observer=observer)
         _sync(device)
     finally:
         bar.close()
-    fit_s = time.perf_counter() - t0
+    return observer, time.perf_counter() - t0
 
-    # ... every evaluation. Warm up first so the throughput excludes one-off setup costs.
-    method.predict(test_images[:WARMUP_IMAGES])
+
+def _predict_test(spec: RunSpec, method, data: _RunData, device: str):
+    """Scores and maps of every test image, and the inference seconds (after a warm-up, so
+    the throughput excludes one-off setup costs)."""
+    method.predict(data.test_images[:WARMUP_IMAGES])
     _sync(device)
     t0 = time.perf_counter()
-    prediction = method.predict(test_images)
+    prediction = method.predict(data.test_images)
     _sync(device)
     infer_s = time.perf_counter() - t0
     scores = np.asarray(prediction.scores, dtype=np.float32)
     maps = np.asarray(prediction.maps, dtype=np.float32)
-    if scores.shape != (len(test),) or maps.shape != (len(test), *test_masks.shape[1:]):
+    n, (h, w) = len(data.test), data.test_masks.shape[1:]
+    if scores.shape != (n,) or maps.shape != (n, h, w):
         raise ValueError(
             f"{spec.method}.predict returned scores {scores.shape} and maps {maps.shape}; "
-            f"expected ({len(test)},) and ({len(test)}, {test_masks.shape[1]}, {test_masks.shape[2]})"
+            f"expected ({n},) and ({n}, {h}, {w})"
         )
+    return scores, maps, infer_s
+
+
+def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> RunResult:
+    import torch
+
+    from bench.environment import environment
+    from bench.metrics import evaluate
+    from datasets import load_masks
+    from methods.base import build_method
+
+    peak_reset = reset_peak_memory(device)
+    torch.manual_seed(spec.train_seed)
+    np.random.seed(spec.train_seed % 2**32)
+    data = _load_data(spec, options)
+    method = build_method(spec.method, spec.config, teacher_weights=spec.teacher_weights,
+                          device=device, seed=spec.train_seed, dataset=spec.dataset,
+                          category=spec.category)
+    # One training ...
+    observer, fit_s = _train(spec, method, data, options, device)
+    # ... every evaluation.
+    scores, maps, infer_s = _predict_test(spec, method, data, device)
+    keep = data.in_no_overlap
     metrics = {
-        "no_overlap": _metrics_or_nan(evaluate, scores[in_no_overlap], test_labels[in_no_overlap],
-                                      maps[in_no_overlap], test_masks[in_no_overlap]),
-        "overlap": _metrics_or_nan(evaluate, scores, test_labels, maps, test_masks),
+        "no_overlap": _metrics_or_nan(evaluate, scores[keep], data.test_labels[keep],
+                                      maps[keep], data.test_masks[keep]),
+        "overlap": _metrics_or_nan(evaluate, scores, data.test_labels, maps, data.test_masks),
     }
     # The training images, scored by the trained model: how much of the noise it absorbed.
-    train_pred = method.predict(train_images)
+    train_pred = method.predict(data.train_images)
     train_scores = np.asarray(train_pred.scores, dtype=np.float32)
-    train_masks = load_masks(split.train, preprocess, cache)
-    metrics["train"] = _metrics_or_nan(evaluate, train_scores, injected.astype(np.uint8),
-                                       np.asarray(train_pred.maps, dtype=np.float32), train_masks)
+    train_masks = load_masks(data.split.train, data.preprocess, data.cache)
+    metrics["train"] = _metrics_or_nan(evaluate, train_scores, data.injected.astype(np.uint8),
+                                       np.asarray(train_pred.maps, dtype=np.float32),
+                                       train_masks)
     peak_mb, peak_kind = peak_memory_mb(device, peak_reset)
 
     history, diagnostics = observer.as_dict()
@@ -369,32 +381,32 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
         "error": None,
         "sweep": options.sweep,
         "spec": spec.to_dict(),
-        "resolved_config": _plain(dataclasses.asdict(method.config)),
+        "resolved_config": json_ready(dataclasses.asdict(method.config)),
         "metrics": metrics,
         "split": {
-            **split.summary(),
-            "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            **data.split.summary(),
+            "manifest_sha256": hashlib.sha256(data.manifest).hexdigest(),
         },
         "timings": {
             "fit_s": fit_s,
-            "infer_images_per_s": len(test) / infer_s if infer_s > 0 else None,
+            "infer_images_per_s": len(data.test) / infer_s if infer_s > 0 else None,
             "peak_mem_mb": peak_mb,
             "peak_mem_kind": peak_kind,
             "total_s": time.time() - started,
         },
         "environment": environment(device),
-        "provenance": _plain(method.describe()),
+        "provenance": json_ready(method.describe()),
         "history": history,
         "diagnostics": diagnostics,
-        "finished_at": _now(),
+        "finished_at": utc_timestamp(),
     }
     npz = scores_npz(
-        test_keys=[s.key for s in test], test_scores=scores, test_labels=test_labels,
-        in_no_overlap=in_no_overlap, test_maps=maps, test_masks=test_masks,
-        test_images=test_images.numpy(), train_keys=[s.key for s in split.train],
-        train_scores=train_scores, train_injected=injected,
+        test_keys=[s.key for s in data.test], test_scores=scores, test_labels=data.test_labels,
+        in_no_overlap=data.in_no_overlap, test_maps=maps, test_masks=data.test_masks,
+        test_images=data.test_images.numpy(), train_keys=[s.key for s in data.split.train],
+        train_scores=train_scores, train_injected=data.injected,
     )
-    return RunResult(record, npz, manifest)
+    return RunResult(record, npz, data.manifest)
 
 
 def scores_npz(*, test_keys, test_scores, test_labels, in_no_overlap, test_maps, test_masks,
@@ -417,23 +429,6 @@ def scores_npz(*, test_keys, test_scores, test_labels, in_no_overlap, test_maps,
         train_injected=np.asarray(train_injected, dtype=bool),
     )
     return buf.getvalue()
-
-
-def _plain(value: Any) -> Any:
-    """JSON-ready copy (tuples -> lists, paths -> str, numpy scalars -> numbers)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
-    return value
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def failed_record(spec: RunSpec, err: BaseException | None = None, *, sweep: str = "",
@@ -464,159 +459,7 @@ def failed_record(spec: RunSpec, err: BaseException | None = None, *, sweep: str
         "metrics": None,
         "timings": {"total_s": time.time() - started} if started else {},
         "environment": env,
-        "finished_at": _now(),
+        "finished_at": utc_timestamp(),
     }
 
 
-# --------------------------------------------------------------------------------------------
-# Driver side
-
-
-def write_result(results: str | os.PathLike, result: RunResult) -> Path:
-    """Store a result: files first, the record last (the record is the done marker)."""
-    folder = run_dir(results, result.record["fingerprint"])
-    folder.mkdir(parents=True, exist_ok=True)
-    record_path = folder / RECORD_FILE
-    # A rerun first retracts the old record, so old record + new scores never pair up.
-    try:
-        os.unlink(record_path)
-    except FileNotFoundError:
-        pass
-    if result.scores is not None:
-        write_bytes_atomic(folder / SCORES_FILE, result.scores)
-    if result.manifest is not None:
-        write_bytes_atomic(folder / MANIFEST_FILE, result.manifest)
-    write_json_atomic(record_path, result.record)
-    return folder
-
-
-def partition(specs: Sequence[RunSpec], results: str | os.PathLike,
-              force: bool = False) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(to run, already done): done = a complete record with the same fingerprint."""
-    todo, done = [], []
-    for spec in specs:
-        record = load_record(run_dir(results, spec.fingerprint) / RECORD_FILE)
-        complete = is_complete(record) and record.get("fingerprint") == spec.fingerprint
-        (done if complete and not force else todo).append(spec)
-    return todo, done
-
-
-@dataclass
-class SweepSummary:
-    """What happened to each run of a sweep."""
-
-    total: int = 0
-    skipped: list[RunSpec] = field(default_factory=list)
-    ok: list[RunSpec] = field(default_factory=list)
-    failed: list[tuple[RunSpec, dict]] = field(default_factory=list)  # (spec, error)
-    reused: list[RunSpec] = field(default_factory=list)  # ok runs copied from an identical one
-    elapsed_s: float = 0.0
-    interrupted: bool = False
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 1 if self.failed else 0
-
-    def lines(self) -> list[str]:
-        reused = (f" ({len(self.reused)} copied from runs that train the same thing)"
-                  if self.reused else "")
-        out = [f"{len(self.ok)} ok{reused}, {len(self.failed)} failed, {len(self.skipped)} "
-               f"skipped (already done) of {self.total} runs in {self.elapsed_s:.0f} s"]
-        for spec, error in self.failed:
-            out.append(f"  FAILED {spec.label} [{spec.fingerprint[:12]}]: {_error_line(error)}")
-        return out
-
-
-def _error_line(error: Mapping[str, Any]) -> str:
-    """``Type: first line``; a UserError's line says what to do (often with a path): never cut."""
-    limit = None if error.get("type") == "UserError" else 200
-    return f"{error.get('type')}: {_first_line(error.get('message', ''), limit)}"
-
-
-def _first_line(text: str, limit: int | None = 200) -> str:
-    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
-
-
-def run_sweep(
-    specs: Sequence[RunSpec],
-    results: str | os.PathLike,
-    *,
-    executor=None,
-    options: JobOptions = JobOptions(),
-    tracker=None,
-    force: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-    reuse: bool = True,
-    preflight: Callable[[list[RunSpec]], None] | None = None,
-) -> SweepSummary:
-    """Run every spec not already done; write and track each result as it arrives.
-
-    ``executor`` is an object from :func:`bench.executors.make_executor` (local by default);
-    ``tracker`` a :class:`bench.tracking.Tracker` or None. With ``reuse``, specs that train the
-    same thing share one training (:mod:`bench.twins`); records on disk are reused unless
-    ``force``. ``preflight`` gets the specs that will train before anything starts (a check
-    that may raise, e.g. that their teacher weights can be loaded).
-    """
-    from tqdm.auto import tqdm
-
-    from bench import twins
-    from bench.executors import LocalExecutor
-
-    log = log or (lambda line: print(line, file=sys.stderr))
-    executor = executor or LocalExecutor()
-    started = time.time()
-    todo, done = partition(specs, results, force)
-    plan = twins.plan_reuse(todo, results, enabled=reuse, use_disk=not force)
-    if preflight is not None:
-        preflight(plan.leaders)
-    summary = SweepSummary(total=len(specs), skipped=done)
-    if tracker is not None:
-        tracker.start_sweep(total=len(specs), todo=len(todo))
-        tracker.log_existing(results, done)
-    # The bar counts the whole sweep; runs already done start it off (the ETA uses the rest).
-    bar = tqdm(total=len(specs), initial=len(done), desc=options.sweep or "sweep", unit="run",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    bar.set_postfix(failed=0)
-
-    def store(spec: RunSpec, result: RunResult, reused: bool = False) -> None:
-        folder = write_result(results, result)
-        if result.ok:
-            summary.ok.append(spec)
-            if reused:
-                summary.reused.append(spec)
-        else:
-            error = result.record.get("error") or {}
-            summary.failed.append((spec, error))
-            bar.write(f"failed: {spec.label}: {_error_line(error)}", file=sys.stderr)
-        if tracker is not None:
-            tracker.log_run(result.record, folder)
-        bar.update(1)
-        bar.set_postfix(failed=len(summary.failed))
-
-    try:
-        for spec, folder in plan.from_disk:
-            store(spec, twins.copy_from_disk(spec, folder, options.sweep), reused=True)
-        for spec, result in executor.run(plan.leaders, options):
-            store(spec, result)
-            for twin in plan.followers.get(spec.fingerprint, ()):
-                store(twin, twins.copy_result(result.record, twin, spec.fingerprint,
-                                              result.scores, result.manifest, options.sweep),
-                      reused=True)
-            # Copies an earlier sweep made of a run retrained now (--force) follow it.
-            for twin in plan.stale_copies.get(spec.fingerprint, ()):
-                write_result(results, twins.copy_result(
-                    result.record, twin, spec.fingerprint, result.scores, result.manifest,
-                    options.sweep))
-    except KeyboardInterrupt:
-        summary.interrupted = True
-        raise
-    finally:
-        bar.close()
-        summary.elapsed_s = time.time() - started
-        if tracker is not None:
-            tracker.end_sweep(summary)
-    return summary
