@@ -54,10 +54,10 @@ import yaml
 
 from bench.errors import UserError
 from bench.spec import RunSpec, canonical_value
+from datasets import DATASETS
 from methods.base import config_fields, is_known, make_config, resolve_method
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-DATASETS = ("mvtec", "visa", "synthetic")
 _PRESET_KEYS = {
     "description", "dataset", "data_root", "categories", "methods", "noise_ratios", "seeds",
     "split_seeds", "image_size", "resize_size", "teacher_weights", "config",

@@ -286,124 +286,186 @@ def _farthest(candidates: np.ndarray, region: np.ndarray) -> np.ndarray:
     return candidates[int(np.argmax(distances))]
 
 
+def _scratch_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                    noise: np.ndarray):
+    """The scratch defect: (mask, paint)."""
+    s = float(size)
+    on_object = base.alpha >= 0.5
+    width = rng.uniform(0.04, 0.065) * s
+    if base.kind == "texture":
+        start = rng.uniform(0.15, 0.85, 2) * s
+        mask = _stroke(size, start, rng.uniform(0.45, 0.8) * s, width, rng)
+    else:
+        length = rng.uniform(1.0, 1.6) * base.scale
+        start = _object_point(base, rng)
+        mask = _stroke(size, start, length, width, rng) & on_object
+
+    def paint(img, m):
+        return 0.85 * _contrast_color(img[m]) + 0.15 * img[m] + noise[m]
+
+    return mask, paint
+
+
+def _hole_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                 noise: np.ndarray):
+    """The hole defect: (mask, paint)."""
+    s = float(size)
+    on_object = base.alpha >= 0.5
+    if base.kind == "texture":
+        cx, cy = rng.uniform(0.18, 0.82, 2) * s
+        rx, ry = rng.uniform(0.08, 0.14, 2) * s
+        region = None
+    else:  # on the nut's face, between bore and rim
+        phi = rng.uniform(0, 2 * math.pi)
+        d = rng.uniform(0.58, 0.68) * base.scale
+        cx, cy = base.center[0] + d * math.cos(phi), base.center[1] + d * math.sin(phi)
+        rx = ry = rng.uniform(0.08, 0.11) * s
+        region = on_object
+    x, y = _grid(size)
+    rr = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
+    mask = rr <= 1.0 if region is None else (rr <= 1.0) & region
+
+    def paint(img, m):
+        return (8 + 35 * rr[m] ** 2)[:, None] * np.array([1.0, 0.95, 0.9]) + noise[m]
+
+    return mask, paint
+
+
+def _stain_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                  noise: np.ndarray):
+    """The stain defect: (mask, paint)."""
+    s = float(size)
+    cx, cy = rng.uniform(0.2, 0.8, 2) * s
+    mask = _blob(size, cx, cy, rng.uniform(0.10, 0.17) * s, rng)
+
+    def paint(img, m):
+        return 0.25 * img[m] + 0.75 * _farthest(_STAINS, img[m]) + noise[m]
+
+    return mask, paint
+
+
+def _color_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                  noise: np.ndarray):
+    """The color defect: (mask, paint)."""
+    s = float(size)
+    on_object = base.alpha >= 0.5
+    if base.kind == "texture":
+        cx, cy = rng.uniform(0.2, 0.8, 2) * s
+        mask = _blob(size, cx, cy, rng.uniform(0.11, 0.18) * s, rng)
+    else:
+        cx, cy = _object_point(base, rng)
+        mask = _blob(size, cx, cy, rng.uniform(0.12, 0.2) * s, rng) & on_object
+
+    def paint(img, m):
+        gray = img[m].mean(axis=1, keepdims=True)
+        candidates = np.stack([gray * t for t in _TINTS])
+        return (
+            candidates[int(np.argmax([np.abs(c - img[m]).mean() for c in candidates]))]
+            + noise[m]
+        )
+
+    return mask, paint
+
+
+def _contamination_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                          noise: np.ndarray):
+    """The contamination defect: (mask, paint)."""
+    s = float(size)
+    others = [t for t in TEXTURES if t != category]
+    own = np.asarray(TEXTURE_TINTS[category])
+    other = max(others, key=lambda t: float(np.abs(np.asarray(TEXTURE_TINTS[t]) - own).sum()))
+    patch = _tinted(_texture_gray(other, rng, size), other)
+    cx, cy = rng.uniform(0.2, 0.8, 2) * s
+    mask = _blob(size, cx, cy, rng.uniform(0.10, 0.16) * s, rng)
+
+    def paint(img, m):
+        return patch[m] + noise[m]
+
+    return mask, paint
+
+
+def _missing_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                    noise: np.ndarray):
+    """The missing defect: (mask, paint)."""
+    s = float(size)
+    if category == "nut":
+        phi = rng.uniform(0, 2 * math.pi)
+        x, y = _grid(size)
+        proj = (x - base.center[0]) * math.cos(phi) + (y - base.center[1]) * math.sin(phi)
+        cut = proj > rng.uniform(0.5, 0.68) * base.scale
+    else:  # the screw loses its tip
+        u, _ = _screw_local(size, base.center[0], base.center[1], base.angle)
+        cut = u > _SCREW["half_length"] * s - rng.uniform(0.2, 0.3) * s
+    mask = cut & (base.alpha > 0)
+
+    def paint(img, m):
+        return base.background[m]
+
+    return mask, paint
+
+
+def _extra_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                  noise: np.ndarray):
+    """The extra defect: (mask, paint)."""
+    s = float(size)
+    if category == "nut":
+        phi = rng.uniform(0, 2 * math.pi)
+        d = base.scale * rng.uniform(0.85, 0.95)
+    else:  # on the shaft's side
+        along = rng.uniform(-0.15, 0.25) * s
+        side = _SCREW["shaft"] * s * (1 if rng.random() < 0.5 else -1)
+        phi = base.angle + math.atan2(side, along)
+        d = math.hypot(along, side)
+    cx, cy = base.center[0] + d * math.cos(phi), base.center[1] + d * math.sin(phi)
+    blob = _blob(size, cx, cy, rng.uniform(0.08, 0.13) * s, rng)
+    mask = blob & (base.alpha < 0.5)
+    level = 185.0 if category == "nut" else 70.0
+
+    def paint(img, m):
+        return level * np.array([1.0, 0.96, 0.88]) + 2.5 * noise[m]
+
+    return mask, paint
+
+
+def _thread_region(base: Base, rng: np.random.Generator, size: int, category: str,
+                   noise: np.ndarray):
+    """The thread defect: (mask, paint)."""
+    s = float(size)
+    on_object = base.alpha >= 0.5
+    u, v = _screw_local(size, base.center[0], base.center[1], base.angle)
+    u0 = rng.uniform(-0.1, 0.12) * s
+    band = (u >= u0) & (u <= u0 + rng.uniform(0.12, 0.2) * s)
+    mask = band & (np.abs(v) <= _SCREW["shaft"] * s) & on_object
+
+    def paint(img, m):
+        return (205 + 25 * np.sin(v[m] / (0.02 * s)))[:, None] * np.array(
+            [1.0, 0.98, 0.95]
+        ) + noise[m]
+
+    return mask, paint
+
+
+_DEFECT_REGIONS = {
+    "scratch": _scratch_region,
+    "hole": _hole_region,
+    "stain": _stain_region,
+    "color": _color_region,
+    "contamination": _contamination_region,
+    "missing": _missing_region,
+    "extra": _extra_region,
+    "thread": _thread_region,
+}
+
+
 def _defect_region(
     base: Base, defect: str, rng: np.random.Generator, size: int, category: str
 ) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
     """(mask, paint) for one attempt: ``paint(image, mask)`` returns new values for mask pixels."""
-    s = float(size)
-    on_object = base.alpha >= 0.5
-    noise = rng.normal(0, 3.0, (size, size, 3))
-
-    if defect == "scratch":
-        width = rng.uniform(0.04, 0.065) * s
-        if base.kind == "texture":
-            start = rng.uniform(0.15, 0.85, 2) * s
-            mask = _stroke(size, start, rng.uniform(0.45, 0.8) * s, width, rng)
-        else:
-            length = rng.uniform(1.0, 1.6) * base.scale
-            start = _object_point(base, rng)
-            mask = _stroke(size, start, length, width, rng) & on_object
-
-        def paint(img, m):
-            return 0.85 * _contrast_color(img[m]) + 0.15 * img[m] + noise[m]
-
-    elif defect == "hole":
-        if base.kind == "texture":
-            cx, cy = rng.uniform(0.18, 0.82, 2) * s
-            rx, ry = rng.uniform(0.08, 0.14, 2) * s
-            region = None
-        else:  # on the nut's face, between bore and rim
-            phi = rng.uniform(0, 2 * math.pi)
-            d = rng.uniform(0.58, 0.68) * base.scale
-            cx, cy = base.center[0] + d * math.cos(phi), base.center[1] + d * math.sin(phi)
-            rx = ry = rng.uniform(0.08, 0.11) * s
-            region = on_object
-        x, y = _grid(size)
-        rr = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2
-        mask = rr <= 1.0 if region is None else (rr <= 1.0) & region
-
-        def paint(img, m):
-            return (8 + 35 * rr[m] ** 2)[:, None] * np.array([1.0, 0.95, 0.9]) + noise[m]
-
-    elif defect == "stain":
-        cx, cy = rng.uniform(0.2, 0.8, 2) * s
-        mask = _blob(size, cx, cy, rng.uniform(0.10, 0.17) * s, rng)
-
-        def paint(img, m):
-            return 0.25 * img[m] + 0.75 * _farthest(_STAINS, img[m]) + noise[m]
-
-    elif defect == "color":
-        if base.kind == "texture":
-            cx, cy = rng.uniform(0.2, 0.8, 2) * s
-            mask = _blob(size, cx, cy, rng.uniform(0.11, 0.18) * s, rng)
-        else:
-            cx, cy = _object_point(base, rng)
-            mask = _blob(size, cx, cy, rng.uniform(0.12, 0.2) * s, rng) & on_object
-
-        def paint(img, m):
-            gray = img[m].mean(axis=1, keepdims=True)
-            candidates = np.stack([gray * t for t in _TINTS])
-            return (
-                candidates[int(np.argmax([np.abs(c - img[m]).mean() for c in candidates]))]
-                + noise[m]
-            )
-
-    elif defect == "contamination":
-        others = [t for t in TEXTURES if t != category]
-        own = np.asarray(TEXTURE_TINTS[category])
-        other = max(others, key=lambda t: float(np.abs(np.asarray(TEXTURE_TINTS[t]) - own).sum()))
-        patch = _tinted(_texture_gray(other, rng, size), other)
-        cx, cy = rng.uniform(0.2, 0.8, 2) * s
-        mask = _blob(size, cx, cy, rng.uniform(0.10, 0.16) * s, rng)
-
-        def paint(img, m):
-            return patch[m] + noise[m]
-
-    elif defect == "missing":
-        if category == "nut":
-            phi = rng.uniform(0, 2 * math.pi)
-            x, y = _grid(size)
-            proj = (x - base.center[0]) * math.cos(phi) + (y - base.center[1]) * math.sin(phi)
-            cut = proj > rng.uniform(0.5, 0.68) * base.scale
-        else:  # the screw loses its tip
-            u, _ = _screw_local(size, base.center[0], base.center[1], base.angle)
-            cut = u > _SCREW["half_length"] * s - rng.uniform(0.2, 0.3) * s
-        mask = cut & (base.alpha > 0)
-
-        def paint(img, m):
-            return base.background[m]
-
-    elif defect == "extra":
-        if category == "nut":
-            phi = rng.uniform(0, 2 * math.pi)
-            d = base.scale * rng.uniform(0.85, 0.95)
-        else:  # on the shaft's side
-            along = rng.uniform(-0.15, 0.25) * s
-            side = _SCREW["shaft"] * s * (1 if rng.random() < 0.5 else -1)
-            phi = base.angle + math.atan2(side, along)
-            d = math.hypot(along, side)
-        cx, cy = base.center[0] + d * math.cos(phi), base.center[1] + d * math.sin(phi)
-        blob = _blob(size, cx, cy, rng.uniform(0.08, 0.13) * s, rng)
-        mask = blob & (base.alpha < 0.5)
-        level = 185.0 if category == "nut" else 70.0
-
-        def paint(img, m):
-            return level * np.array([1.0, 0.96, 0.88]) + 2.5 * noise[m]
-
-    elif defect == "thread":
-        u, v = _screw_local(size, base.center[0], base.center[1], base.angle)
-        u0 = rng.uniform(-0.1, 0.12) * s
-        band = (u >= u0) & (u <= u0 + rng.uniform(0.12, 0.2) * s)
-        mask = band & (np.abs(v) <= _SCREW["shaft"] * s) & on_object
-
-        def paint(img, m):
-            return (205 + 25 * np.sin(v[m] / (0.02 * s)))[:, None] * np.array(
-                [1.0, 0.98, 0.95]
-            ) + noise[m]
-
-    else:
+    noise = rng.normal(0, 3.0, (size, size, 3))  # drawn first, whatever the defect
+    region = _DEFECT_REGIONS.get(defect)
+    if region is None:
         raise DataError(f"unknown synthetic defect {defect!r} for category {category!r}")
-    return mask, paint
+    return region(base, rng, size, category, noise)
 
 
 def apply_defect(

@@ -227,76 +227,26 @@ class SoftPatch(Method):
                 f"and needs at least 2, got {n_images}; add images or use patchcore"
             )
         generator = torch.Generator().manual_seed(self.seed)
-        dim = cfg.target_embed_dimension
-        # PatchCore projects only when it reduces the dimension.
-        projection = None
-        if cfg.projection_dim < dim:
-            projection = cs.random_projection(
-                dim, cfg.projection_dim, generator=generator, device=self.device
-            )
         timer = self._clock()
-
-        # Pass 1: projected features of every patch (full features would be ~3 GB for VisA).
-        projected, grid = [], None
-        for start, stop in self._batches(n_images, cfg.batch_size):
-            emb = self.embed(train.images[start:stop])
-            grid = tuple(emb.shape[1:3])
-            flat = emb.reshape(-1, dim)
-            projected.append(flat @ projection if projection is not None else flat.clone())
-        projected = torch.cat(projected)
-        n_per_image = grid[0] * grid[1]
+        projected, n_per_image = self._projected_features(train.images, generator)
         n_patches = projected.shape[0]
         feature_s = self._clock() - timer
 
-        # Noise discriminator: each position against the same position in all images.
         timer = self._clock()
         stats: dict[str, float] = {}
         removed = weights = per_sample = None
         if denoise:
-            by_position = projected.view(n_images, n_per_image, -1).transpose(0, 1)
-            scores = cs.noise_scores(
-                cfg.noise_discriminator, by_position, lof_k=cfg.lof_k, budget_mb=cfg.budget_mb
-            ).T.reshape(-1)  # image-major, like the features
-            removed = cs.noisy_patch_mask(scores, cfg.denoise_ratio)
-            if cfg.soft_weight:
-                weights = scores.clamp(min=0)
-            per_sample = {
-                "patch_noise_mean": scores.view(n_images, -1).mean(1).float().cpu().numpy(),
-                "patch_noise_max": scores.view(n_images, -1).amax(1).float().cpu().numpy(),
-                "removed_fraction": removed.view(n_images, -1).float().mean(1).cpu().numpy(),
-            }
-            stats["noise_score_mean"] = float(scores.mean())
+            removed, weights, per_sample, stats["noise_score_mean"] = self._discriminate(
+                projected, n_images, n_per_image)
         discriminator_s = self._clock() - timer
 
-        # Greedy coreset among the kept patches, in the projected space.
         timer = self._clock()
-        n_kept = n_patches - (int(removed.sum()) if removed is not None else 0)
-        candidates = None if removed is None else ~removed
-        if cfg.coreset_ratio >= 1.0:
-            selected = torch.arange(n_patches, device=self.device)
-            if candidates is not None:
-                selected = selected[candidates]
-        else:
-            # Bank size from all patches, as the reference's sampler counts them.
-            n_bank = min(n_kept, max(1, int(n_patches * cfg.coreset_ratio)))
-            selected = cs.greedy_coreset(
-                projected, n_bank, init=cfg.coreset_init, num_starts=cfg.coreset_starts,
-                candidates=candidates, generator=generator,
-            )
-        selected = selected.sort().values
+        selected = self._coreset(projected, removed, generator)
         coreset_s = self._clock() - timer
         del projected
 
-        # Pass 2: full features of the selected patches only (memory bounded by the bank).
         timer = self._clock()
-        image_of = torch.div(selected, n_per_image, rounding_mode="floor")
-        bank = torch.empty(selected.numel(), dim, device=self.device)
-        for start, stop in self._batches(n_images, cfg.batch_size):
-            rows = ((image_of >= start) & (image_of < stop)).nonzero().flatten()
-            if rows.numel() == 0:
-                continue
-            emb = self.embed(train.images[start:stop]).reshape(-1, dim)
-            bank[rows] = emb.index_select(0, selected[rows] - start * n_per_image)
+        bank = self._gather_bank(train.images, selected, n_per_image)
         self._set_bank(bank, None if weights is None else weights[selected])
         gather_s = self._clock() - timer
         if cfg.num_nn > bank.shape[0]:  # say so now, not after the test set is loaded
@@ -305,6 +255,7 @@ class SoftPatch(Method):
                 f"patches); lower num_nn or raise coreset_ratio"
             )
 
+        n_kept = n_patches - (int(removed.sum()) if removed is not None else 0)
         stats.update(
             n_patches=float(n_patches),
             removed_patches=float(n_patches - n_kept),
@@ -318,6 +269,77 @@ class SoftPatch(Method):
         self.fit_stats = stats
         if observer is not None:
             observer(0, dict(stats), per_sample)
+
+    def _projected_features(self, images: torch.Tensor, generator: torch.Generator):
+        """Pass 1: the projected features of every patch, image-major (full features would be
+        ~3 GB for VisA), and the patches per image. PatchCore projects only when it reduces
+        the dimension."""
+        cfg = self.config
+        dim = cfg.target_embed_dimension
+        projection = None
+        if cfg.projection_dim < dim:
+            projection = cs.random_projection(
+                dim, cfg.projection_dim, generator=generator, device=self.device
+            )
+        projected, grid = [], None
+        for start, stop in self._batches(len(images), cfg.batch_size):
+            emb = self.embed(images[start:stop])
+            grid = tuple(emb.shape[1:3])
+            flat = emb.reshape(-1, dim)
+            projected.append(flat @ projection if projection is not None else flat.clone())
+        return torch.cat(projected), grid[0] * grid[1]
+
+    def _discriminate(self, projected: torch.Tensor, n_images: int, n_per_image: int):
+        """The noise discriminator, each position against the same position in all images:
+        (removed patch mask, soft weights or None, per-sample logs, mean score)."""
+        cfg = self.config
+        by_position = projected.view(n_images, n_per_image, -1).transpose(0, 1)
+        scores = cs.noise_scores(
+            cfg.noise_discriminator, by_position, lof_k=cfg.lof_k, budget_mb=cfg.budget_mb
+        ).T.reshape(-1)  # image-major, like the features
+        removed = cs.noisy_patch_mask(scores, cfg.denoise_ratio)
+        weights = scores.clamp(min=0) if cfg.soft_weight else None
+        per_sample = {
+            "patch_noise_mean": scores.view(n_images, -1).mean(1).float().cpu().numpy(),
+            "patch_noise_max": scores.view(n_images, -1).amax(1).float().cpu().numpy(),
+            "removed_fraction": removed.view(n_images, -1).float().mean(1).cpu().numpy(),
+        }
+        return removed, weights, per_sample, float(scores.mean())
+
+    def _coreset(self, projected: torch.Tensor, removed: torch.Tensor | None,
+                 generator: torch.Generator) -> torch.Tensor:
+        """Greedy coreset among the kept patches, in the projected space: sorted indices."""
+        cfg = self.config
+        n_patches = projected.shape[0]
+        n_kept = n_patches - (int(removed.sum()) if removed is not None else 0)
+        candidates = None if removed is None else ~removed
+        if cfg.coreset_ratio >= 1.0:
+            selected = torch.arange(n_patches, device=self.device)
+            if candidates is not None:
+                selected = selected[candidates]
+        else:
+            # Bank size from all patches, as the reference's sampler counts them.
+            n_bank = min(n_kept, max(1, int(n_patches * cfg.coreset_ratio)))
+            selected = cs.greedy_coreset(
+                projected, n_bank, init=cfg.coreset_init, num_starts=cfg.coreset_starts,
+                candidates=candidates, generator=generator,
+            )
+        return selected.sort().values
+
+    def _gather_bank(self, images: torch.Tensor, selected: torch.Tensor,
+                     n_per_image: int) -> torch.Tensor:
+        """Pass 2: full features of the selected patches only (memory bounded by the bank)."""
+        cfg = self.config
+        dim = cfg.target_embed_dimension
+        image_of = torch.div(selected, n_per_image, rounding_mode="floor")
+        bank = torch.empty(selected.numel(), dim, device=self.device)
+        for start, stop in self._batches(len(images), cfg.batch_size):
+            rows = ((image_of >= start) & (image_of < stop)).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            emb = self.embed(images[start:stop]).reshape(-1, dim)
+            bank[rows] = emb.index_select(0, selected[rows] - start * n_per_image)
+        return bank
 
     def _set_bank(self, bank: torch.Tensor, weight: torch.Tensor | None) -> None:
         self.bank = bank.to(self.device, torch.float32)

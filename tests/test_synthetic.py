@@ -162,3 +162,19 @@ def test_bad_parameters(tmp_path, kwargs, match):
     with pytest.raises(DataError, match=match):
         generate_synthetic(tmp_path / "x", **{**SMALL, **kwargs})
     assert not (tmp_path / "x").exists()
+
+
+def test_pixels_are_pinned(tmp_path):
+    """The generator's output, pixel for pixel, is part of every stored result's identity (the
+    manifests hash these files): a refactor that changes one pixel must fail here. The pin is on
+    decoded pixels, so another PNG encoder version cannot break it."""
+    import hashlib
+
+    root = generate_synthetic(tmp_path / "data", seed=0, size=64, n_train=3, n_test_good=1,
+                              n_test_anomalous=5)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(np.asarray(Image.open(path)).tobytes())
+    assert digest.hexdigest() == (
+        "86e1f641d0b92c815011125edf6222215d2bf3f4b5eb8fc77154d00875c1f802")
