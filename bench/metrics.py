@@ -10,7 +10,7 @@ Public functions take numpy arrays or torch tensors (any device; they are copied
 - ``evaluate(scores, labels, maps, masks) -> dict`` with exactly the keys
   :data:`bench.records.METRIC_NAMES`, sharing one sort and one region labelling between metrics.
 
-Definitions (PROTOCOL.md section 6)
+Definitions (docs/protocol.md §6)
 -----------------------------------
 AUROC
     Area under the ROC curve with ties counted half, i.e. exactly scikit-learn's

@@ -1,6 +1,6 @@
 """Image pipeline: decode, resize, center-crop; masks with the same geometry; a decode cache.
 
-Geometry (PROTOCOL §3): resize to ``resize × resize`` (bilinear, PIL's antialiased filter, as
+Geometry (docs/protocol.md §3): resize to ``resize × resize`` (bilinear, PIL's antialiased filter, as
 torchvision's ``Resize`` does on PIL images), then center crop ``crop × crop``. Masks are
 binarised first (any non-zero pixel is anomalous, which also covers VisA's multi-valued masks),
 then resized with nearest neighbour and cropped the same way, so they stay exactly {0, 1}.

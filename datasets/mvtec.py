@@ -22,7 +22,7 @@ from datasets.samples import CategoryData, Sample
 # Extensions compared lower-case; VisA ships ``.JPG``.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = ("_mask", "")
-# Published counts (train normal, test good, test anomalous) of MVTec AD, PROTOCOL §1.
+# Published counts (train normal, test good, test anomalous) of MVTec AD, docs/protocol.md §1.
 MVTEC_COUNTS: dict[str, tuple[int, int, int]] = {
     "bottle": (209, 20, 63), "cable": (224, 58, 92), "capsule": (219, 23, 109),
     "carpet": (280, 28, 89), "grid": (264, 21, 57), "hazelnut": (391, 40, 70),

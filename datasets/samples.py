@@ -41,7 +41,7 @@ class CategoryData:
         return [s for s in self.test if s.label == 1]
 
     def counts(self) -> dict[str, int]:
-        """Image counts as PROTOCOL §1 tabulates them."""
+        """Image counts as docs/protocol.md §1 tabulates them."""
         return {
             "train": len(self.train),
             "test_good": len(self.test_normal),

@@ -1,6 +1,6 @@
 """Noisy (FUAD) splits and their manifests.
 
-The rule is SoftPatch's (PROTOCOL §2): ``floor(noise_ratio × n_normal_train)`` anomalous *test*
+The rule is SoftPatch's (docs/protocol.md §2): ``floor(noise_ratio × n_normal_train)`` anomalous *test*
 images, drawn uniformly without replacement, join the unchanged normal training set unlabeled.
 *No overlap* removes the injected images from the test set; *Overlap* keeps the test set whole.
 

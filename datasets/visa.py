@@ -19,7 +19,7 @@ from datasets.samples import CategoryData, Sample
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 CSV_COLUMNS = ("object", "split", "label", "image", "mask")
-# Published 1cls counts (train normal, test normal, test anomalous), PROTOCOL §1.
+# Published 1cls counts (train normal, test normal, test anomalous), docs/protocol.md §1.
 VISA_COUNTS: dict[str, tuple[int, int, int]] = {
     "candle": (900, 100, 100), "capsules": (542, 60, 100), "cashew": (450, 50, 100),
     "chewinggum": (453, 50, 100), "fryum": (450, 50, 100), "macaroni1": (900, 100, 100),
