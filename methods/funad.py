@@ -4,8 +4,8 @@ Reference semantics: HY-Vision-Lab/FUNAD at 66e0230 (``feature_extract.py``, ``m
 ``self_train_ad.py``), run as its README's first command (``-b 32 --k_number 2 --epoch 1500
 --balancing --gaussian --kl --weight 2.5 --oto_loss mae``, no synthetic anomalies). That code
 carries no licence; FUN-AD is limited to non-commercial use and has a patent application
-pending (its README), so users must check its terms. Everything here is written from the
-description of the method, not copied.
+pending (its README), so users must check its terms. The code below is this harness's own;
+no line of the reference is reused.
 
 1. Features, once per image: a frozen DINO ViT-B/8 (timm ``vit_base_patch8_224.dino``), the last
    block's normalised tokens; every patch is described by [CLS token, patch token] (2 x 768 =
