@@ -52,7 +52,14 @@ from bench.paper import (
     ablation_row_of,
     ablation_table_of,
 )
-from bench.records import PROTOCOLS, is_complete, iter_records, run_dir, write_bytes_atomic
+from bench.records import (
+    PROTOCOLS,
+    is_complete,
+    iter_records,
+    json_ready,
+    run_dir,
+    write_bytes_atomic,
+)
 from bench.spec import same_teacher_name
 from bench.stats import Stat
 
@@ -867,7 +874,7 @@ def _setup_departures(runs: list[Run]) -> list[str]:
             if paper_value is None:
                 if cfg[name] is not None:
                     caps.add(f"{name}={cfg[name]}")
-            elif cfg[name] != paper_value:
+            elif json_ready(cfg[name]) != json_ready(paper_value):  # a JSON list is a tuple
                 differ.setdefault((name, str(paper_value)), set()).add(str(cfg[name]))
     reasons = [f"{name} {', '.join(sorted(values))} (paper: {paper_value})"
                for (name, paper_value), values in differ.items()]

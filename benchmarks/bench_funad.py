@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.runner import peak_memory_mb, reset_peak_memory  # noqa: E402
+from bench.worker import peak_memory_mb, reset_peak_memory  # noqa: E402
 from methods import build_method  # noqa: E402
 from methods.funad import HIDDEN_DIMS, FunADNet, PatchTokens, count_parameters  # noqa: E402
 

@@ -378,6 +378,15 @@ class FunAD(Method):
     smoke_overrides = {"vit_overrides": ("embed_dim=32", "depth=1", "num_heads=2"),
                        "epochs": 1, "max_steps": 2, "batch_size": 4}
 
+    @classmethod
+    def weights_check(cls, config: FunADConfig, teacher_weights: str):
+        """The ViT's weights (random ones need no check): :func:`check_backbone_weights`."""
+        weights = config.backbone_weights or teacher_weights
+        if random_teacher_seed(weights) is not None:
+            return None
+        key = ("timm", config.vit_model, weights, tuple(config.vit_overrides))
+        return key, lambda: check_backbone_weights(config, teacher_weights)
+
     def __init__(self, config: FunADConfig | None = None, *, teacher_weights: str = "imagenet",
                  device: str | torch.device = "cpu", seed: int = 0):
         super().__init__(config, teacher_weights=teacher_weights, device=device, seed=seed)

@@ -182,6 +182,26 @@ def test_offline_without_hub_weights_is_one_line_naming_cache_and_file_option(em
         fa.check_backbone_weights(make_config("funad", SMALL), "imagenet")
 
 
+def test_a_sweep_stops_before_any_run_when_the_vit_weights_are_missing(empty_hub, tmp_path,
+                                                                         capsys):
+    """The driver's weights check reaches FUN-AD's backbone: one line, exit 2, no record."""
+    from bench.cli import main
+    from datasets import generate_synthetic
+
+    root = generate_synthetic(tmp_path / "syn", seed=0, size=64, n_train=6, n_test_good=2,
+                              n_test_anomalous=2, categories=["brick"])
+    preset = tmp_path / "p.yaml"
+    preset.write_text("description: x\ndataset: synthetic\ncategories: [brick]\n"
+                      "methods: [funad]\nnoise_ratios: [0.0]\nseeds: [0]\nimage_size: 64\n"
+                      "resize_size: 64\nteacher_weights: imagenet\n")
+    code = main(["run", "--preset", str(preset), "--data-root", str(root), "--results",
+                 str(tmp_path / "res"), "--no-tracking", "--no-report"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backbone_weights=/path" in err
+    assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+    assert not list((tmp_path / "res").glob("runs/*/record.json"))
+
+
 def test_failed_download_is_one_line(empty_hub, monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
