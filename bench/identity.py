@@ -44,7 +44,7 @@ def resolved_config(spec: RunSpec) -> tuple[str, Any]:
 
 
 def _training_hash(method: str, resolved: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
-    body = {"method": method, "config": canonical_value(json.loads(json.dumps(resolved))),
+    body = {"method": method, "config": canonical_value(resolved),
             **{k: v for k, v in spec.items() if k not in _NOT_TRAINING}}
     body["teacher_weights"] = same_teacher_name(str(body.get("teacher_weights")))
     text = json.dumps(canonical_value(body), sort_keys=True, separators=(",", ":"))

@@ -59,6 +59,7 @@ from bench.records import (
     PROTOCOLS,
     is_complete,
     iter_records,
+    json_ready,
     write_bytes_atomic,
 )
 from bench.stats import Stat
@@ -235,7 +236,7 @@ def write_baseline(path: str | os.PathLike, baseline: Mapping[str, Any]) -> None
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        text = yaml.safe_dump(json.loads(json.dumps(baseline)), sort_keys=False, width=100)
+        text = yaml.safe_dump(json_ready(baseline), sort_keys=False, width=100)
     else:
         text = json.dumps(baseline, indent=2, allow_nan=False) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
