@@ -147,6 +147,9 @@ class Plan:
     noise_ratio: float
     # CDD overrides on top of the budget (tiny: one step per stage, a smoke run of the code)
     cdd_extra: dict[str, Any] = field(default_factory=dict)
+    # torch CPU threads (None: torch's default). The tiny check times nothing, and on a shared
+    # CPU two threads per process can be many times slower than one.
+    threads: int | None = None
     budgets: dict[str, float] = field(default_factory=dict)  # seconds per section
     total_budget: float = 0.0
     item_fraction: float = 0.5  # one item may use at most this share of its section's budget
@@ -167,7 +170,7 @@ TINY = Plan(
     train_images=8, test_good=3, test_anomalous=5, rd_epochs=2, cdd_epochs=2, repeats=1,
     infer_images=8, infer_train=8, mvtec_png=None, mvtec_png_images=0,
     precision_rd_epochs=2, precision_cdd_epochs=2, noise_ratio=0.25,
-    cdd_extra={"max_steps_per_stage": 1},
+    cdd_extra={"max_steps_per_stage": 1}, threads=1,
     # Caps, generous for a loaded 2-core machine; an idle one needs about a minute in all.
     budgets={"train": 90.0, "infer": 60.0, "precision": 60.0, "executor": 90.0},
     total_budget=300.0, item_fraction=0.75,
@@ -892,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"with train)")
     parser.add_argument("--budget-scale", type=float, default=1.0,
                         help="multiply every time budget (e.g. 0.5 when less GPU time is left)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 with --tiny, else torch's)")
     args = parser.parse_args(argv)
     try:
         plan = TINY if args.tiny else FULL
@@ -906,8 +910,11 @@ def main(argv: list[str] | None = None) -> int:
             plan, device=args.device or plan.device,
             budgets={k: v * args.budget_scale for k, v in plan.budgets.items()},
             total_budget=plan.total_budget * args.budget_scale)
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if args.threads is not None and args.threads < 1:
+            raise UserError(f"--threads {args.threads} must be at least 1")
+        threads = args.threads or plan.threads
+        if threads:
+            torch.set_num_threads(threads)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         out = Path(args.out or REPO_ROOT / "runs" / f"gpu-check-{plan.name}-{stamp}")
         report = run_check(plan, out, chosen, argv=sys.argv[1:] if argv is None else argv,
