@@ -242,8 +242,8 @@ def test_mvtec_estimate():
 
 
 def test_section_budget_interrupts_skips_and_records_errors():
-    section = gpu_check.Section("demo", budget_s=2.0, deadline=time.perf_counter() + 60,
-                                item_fraction=0.5)
+    section = gpu_check.Section("demo", budget_s=4.0, deadline=time.perf_counter() + 60,
+                                item_fraction=0.25)
 
     def spin():
         while True:
@@ -256,16 +256,19 @@ def test_section_budget_interrupts_skips_and_records_errors():
     assert section.run("broken", fail) is None
     started = time.perf_counter()
     assert section.run("slow", spin) is None
-    assert time.perf_counter() - started < 1.6  # stopped at the item cap (1 s), not later
-    section.run("slow again", spin)  # interrupted or skipped, depending on what is left
-    assert section.run("late", lambda: 1) is None  # the budget is spent by now either way
+    assert time.perf_counter() - started < 2.0  # stopped at the item cap (1 s), not later
+    for _ in range(10):  # fillers until the section's budget is spent
+        section.run("filler", spin)
+        if section.items[-1]["status"] == "skipped":
+            break
+    assert section.run("late", lambda: 1) is None
     status = {i["item"]: i for i in section.items}
     assert status["quick"]["status"] == "ok"
     assert status["broken"]["status"] == "error"
     assert status["broken"]["error"] == "ValueError: bad thing"
     assert status["slow"]["status"] == "timed_out"
-    assert status["slow again"]["status"] in ("timed_out", "skipped")
     assert status["late"]["status"] == "skipped" and "budget spent" in status["late"]["reason"]
+    assert sum(i["item"] == "filler" and i["status"] == "timed_out" for i in section.items) >= 1
 
 
 def test_section_stops_at_the_whole_check_deadline():
