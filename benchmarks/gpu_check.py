@@ -839,6 +839,8 @@ def run_check(plan: Plan, out: Path, sections: Sequence[str] = SECTIONS, argv=No
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("gpu check: --device cuda asked for, but no CUDA GPU is visible; use "
                         "--tiny (CPU) or --device cpu")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"gpu check: --out {out} is a file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     deadline = started + plan.total_budget

@@ -9,8 +9,8 @@ hq-deng/RD4AD ``main.py`` trains Reverse Distillation like this, and so does
   (``Resize((s, s))``, ``ToTensor``, ``CenterCrop``, ``Normalize`` with ImageNet statistics);
 - the teacher is the whole torchvision ResNet in eval mode with its parameters still requiring
   gradients: every step runs it with autograd on, layer4 included (its output is dropped), and
-  the backward pass goes through it down to the images, accumulating teacher gradients that no
-  optimiser ever uses;
+  the backward pass goes through it down to its first convolution, accumulating teacher
+  gradients that no optimiser ever uses;
 - float32 throughout, no autocast, no channels_last, no feature cache;
 - ``torch.backends.cudnn.deterministic = True`` and ``benchmark = False`` (its ``setup_seed``);
 - Adam(lr 0.005, betas (0.5, 0.999)) over the student, ``optimizer.zero_grad()``,
@@ -130,10 +130,14 @@ class ReferenceLoop:
         if crop > resize:
             raise UserError(f"reference RD: crop {crop} is larger than resize {resize}")
         self.device = torch.device(device)
-        self.dataset = tv_datasets.ImageFolder(str(image_root),
-                                               transform=reference_transform(crop, resize))
-        if len(self.dataset) == 0:
-            raise UserError(f"reference RD: no images under {image_root}")
+        try:
+            self.dataset = tv_datasets.ImageFolder(str(image_root),
+                                                   transform=reference_transform(crop, resize))
+        except FileNotFoundError:  # no such folder, or no class subfolder with images in it
+            raise UserError(
+                f"reference RD: {image_root} is not a folder of class subfolders with images "
+                f"(e.g. an MVTec category's train folder, holding good/)"
+            ) from None
         # shuffle=True as main.py; a seeded generator only makes the order repeatable.
         self.loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=True,
                                  num_workers=num_workers,

@@ -158,9 +158,12 @@ def test_compare_interleaves_and_takes_medians(monkeypatch, tmp_path):
         log=lambda line: None)["summary"]  # CPU default: no bf16 arm
 
 
-def test_reference_cli_rejects_one_epoch(capsys):
+def test_reference_cli_errors_are_one_line(capsys, tmp_path):
     assert reference_rd.main(["--epochs", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+    assert reference_rd.main(["--data", str(tmp_path / "missing"), "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "not a folder of class subfolders" in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +328,11 @@ def test_run_check_writes_json_and_table(tmp_path, monkeypatch):
     (["--sections", "train,warp"], "choose from"),
     (["--budget-scale", "nan"], "must be in (0, 10]"),
     (["--tiny", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["--tiny", "--threads", "0"], "must be at least 1"),
+    (["--tiny", "--sections", "infer", "--out", "FILE"], "is a file"),
 ])
 def test_gpu_check_cli_errors(args, message, capsys, tmp_path):
-    assert gpu_check.main([*args, "--out", str(tmp_path)]) == 2
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a == "FILE" else a for a in args]
+    assert gpu_check.main([*args, "--out", str(tmp_path)] if "--out" not in args else args) == 2
     assert message in capsys.readouterr().err
