@@ -286,13 +286,20 @@ def sync(device: torch.device) -> None:
 
 def synthetic_tree(out: Path, plan: Plan, size: int | None = None,
                    n_train: int | None = None) -> Path:
-    """The check's synthetic category (train PNGs, test images with masks); its folder."""
+    """The check's synthetic category (train PNGs, test images with masks); its folder.
+
+    With ``size``: an extra tree of ``n_train`` training PNGs of that side for the reference
+    loop alone (one test image of each kind, the fewest the generator writes)."""
     from datasets import generate_synthetic
 
-    name = "data" if size is None else f"data-{size}px"
-    root = generate_synthetic(out / name, seed=0, size=size or plan.resize,
-                              n_train=n_train or plan.train_images, n_test_good=plan.test_good,
-                              n_test_anomalous=plan.test_anomalous, categories=[CATEGORY])
+    if size is None:
+        root = generate_synthetic(out / "data", seed=0, size=plan.resize,
+                                  n_train=plan.train_images, n_test_good=plan.test_good,
+                                  n_test_anomalous=plan.test_anomalous, categories=[CATEGORY])
+    else:
+        root = generate_synthetic(out / f"data-{size}px", seed=0, size=size,
+                                  n_train=n_train or plan.train_images, n_test_good=1,
+                                  n_test_anomalous=1, categories=[CATEGORY])
     return root / CATEGORY
 
 
