@@ -64,7 +64,7 @@ import reference_rd  # noqa: E402
 
 from bench.errors import UserError  # noqa: E402
 from bench.records import METRIC_NAMES, write_json_atomic  # noqa: E402
-from bench.runner import peak_memory_mb, reset_peak_memory  # noqa: E402
+from bench.worker import peak_memory_mb, reset_peak_memory  # noqa: E402
 
 SCHEMA = "fuad-bench-gpu-check/1"
 JSON_FILE = "gpu_check.json"
@@ -625,8 +625,9 @@ def precision_specs(plan: Plan, data_root: Path) -> list[tuple[str, str, Any]]:
 
 
 def run_and_store(spec, device: torch.device, results: Path, sweep: str) -> dict[str, Any]:
-    """``bench.runner.run_one`` in this process; the record is written under ``results``."""
-    from bench.runner import JobOptions, run_one, write_result
+    """``bench.worker.run_one`` in this process; the record is written under ``results``."""
+    from bench.driver import write_result
+    from bench.worker import JobOptions, run_one
 
     result = run_one(spec, JobOptions(device=str(device), sweep=sweep))
     write_result(results, result)
@@ -684,10 +685,11 @@ def precision_section(section: Section, plan: Plan, out: Path,
 
 def executor_section(section: Section, plan: Plan, out: Path,
                      device: torch.device) -> dict[str, Any]:
+    from bench.driver import run_sweep
     from bench.executors import make_executor
     from bench.records import load_record, run_dir
-    from bench.runner import JobOptions, run_sweep
     from bench.spec import RunSpec
+    from bench.worker import JobOptions
     from methods import get_method_class
 
     category = section.run("synthetic data", lambda: synthetic_tree(out, plan))

@@ -259,7 +259,8 @@ def test_section_budget_interrupts_skips_and_records_errors():
     assert section.run("broken", fail) is None
     started = time.perf_counter()
     assert section.run("slow", spin) is None
-    assert time.perf_counter() - started < 2.0  # stopped at the item cap (1 s), not later
+    # Stopped at the item cap (1 s), not at the section's budget (4 s); slack for a busy CPU.
+    assert time.perf_counter() - started < 3.5
     for _ in range(10):  # fillers until the section's budget is spent
         section.run("filler", spin)
         if section.items[-1]["status"] == "skipped":
@@ -279,7 +280,7 @@ def test_section_stops_at_the_whole_check_deadline():
     started = time.perf_counter()
     assert section.run("spin", lambda: time.sleep(5)) is None
     assert section.items[-1]["status"] == "timed_out"
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < 4.0  # the 1 s deadline, not the 5 s sleep
 
 
 def test_infer_rows_for_every_method_even_failing_ones(tmp_path, monkeypatch):
