@@ -7,7 +7,8 @@ touching the repository, a module of your own imported with ``--plugin MODULE``.
 import importlib
 from collections.abc import Iterable
 
-BUILTIN_MODULES = ("methods.rd", "methods.cdd", "methods.softpatch", "methods.funad")
+BUILTIN_MODULES = ("methods.rd", "methods.cdd", "methods.softpatch", "methods.recontrast",
+                   "methods.funad")
 
 
 def load_builtin_methods() -> None:
