@@ -619,7 +619,8 @@ class InReaCh(Method):
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.device if n_bytes < free / 2 else torch.device("cpu")
 
-    def _decide_positional(self, images: torch.Tensor) -> float:
+    def decide_positional(self, images: torch.Tensor) -> float:
+        """Set :attr:`positional` for these training images; returns the transpose MSE."""
         cfg = self.config
         mse = transpose_mse(images)
         if cfg.positional == "auto":
@@ -643,7 +644,7 @@ class InReaCh(Method):
         _check_images(train.images, f"{self.name}.fit")
         self.image_size = tuple(int(s) for s in train.images.shape[-2:])
         timer = self._clock()
-        mse = self._decide_positional(train.images)
+        mse = self.decide_positional(train.images)
         dtype = getattr(torch, cfg.feature_dtype)
 
         # One backbone pass over the training set into the descriptor store.
