@@ -67,9 +67,11 @@ def test_seeds_are_only_compared_with_later_images():
     assoc = associate(TOY, 1, torch.device("cpu"))
     assert assoc.seed[2].tolist() == [0, 0, 0]
     assert assoc.seed_patch[2].tolist() == [0, 1, 2]
-    # assoc_depth beyond the images: the last image is never a seed (nothing follows it).
+    # assoc_depth beyond the images: the last image is never a seed (nothing follows it), and
+    # an image never matches itself or a later seed.
     deep = associate(TOY, 10, torch.device("cpu"))
-    assert deep.seed.max() == 2
+    assert deep.seed.max() == 2  # d2 -> c1 (0.04) beats b0 (0.16)
+    assert all((deep.seed[j] < j).all() for j in range(1, 4))
 
 
 def members_as_set(m: ChannelMembers) -> set:
@@ -144,19 +146,21 @@ def official_filter(channels: dict, min_len: int, max_std: float) -> dict:
 
 
 def toy_channel_store():
-    """24 images x 3 positions x 2 dims; channel c lives at position c, one member per image.
+    """24 images x 4 positions x 2 dims; channel c lives at position c, one member per image.
 
     channel 0: 23 members at the origin and one at (24, 0): mean (1, 0), distances 1 (x23)
         and 23, spherical std 4.396, so 5 std = 21.98 drops the far member and keeps 23;
     channel 1: 4 members equally far from their mean: std 0, nothing is < 0, dropped;
-    channel 2: 3 members: not more than min_channel_length, dropped unseen.
+    channel 2: 3 members: not more than min_channel_length, dropped unseen;
+    channel 3: 4 identical members: distance 0, std 0, and 0 < 0 fails: dropped.
     """
-    store = torch.zeros(24, 3, 2, dtype=torch.float64)
+    store = torch.zeros(24, 4, 2, dtype=torch.float64)
     store[23, 0] = torch.tensor([24.0, 0.0])
     store[:4, 1] = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     store[:3, 2] = torch.tensor([[5.0, 5.0], [6.0, 5.0], [5.0, 9.0]])
+    store[:4, 3] = 7.0
     rows = [(0, i, 0) for i in range(24)] + [(1, i, 1) for i in range(4)] + [
-        (2, i, 2) for i in range(3)]
+        (2, i, 2) for i in range(3)] + [(3, i, 3) for i in range(4)]
     rows.sort(key=lambda r: (r[1], r[2]))
     channel, image, position = (np.array(col) for col in zip(*rows))
     return store, ChannelMembers(channel, image, position)
@@ -165,17 +169,19 @@ def toy_channel_store():
 def test_channel_filter_on_toy_channels():
     store, members = toy_channel_store()
     out = filter_channels(store, members, min_length=3, max_std=5.0)
-    assert out.bank_index.tolist() == [i * 3 for i in range(23)]  # channel 0 minus image 23
-    assert (out.n_channels, out.n_candidate_channels, out.n_kept_channels) == (3, 2, 1)
+    assert out.bank_index.tolist() == [i * 4 for i in range(23)]  # channel 0 minus image 23
+    assert (out.n_channels, out.n_candidate_channels, out.n_kept_channels) == (4, 3, 1)
     assert out.n_bank_members == 23
-    # The threshold is strict and scales with max_std: at 5.3 std (23.3) the far member stays.
-    wide = filter_channels(store, members, min_length=3, max_std=5.3)
-    assert wide.bank_index.tolist() == [i * 3 for i in range(24)]
+    # The far member (distance 23) against max_std x the population std 4.396: dropped at
+    # 5.2 (22.86), kept at 5.25 (23.08). The n-1 std (4.491) would keep it at 5.2 already.
+    assert filter_channels(store, members, min_length=3, max_std=5.2).n_bank_members == 23
+    wide = filter_channels(store, members, min_length=3, max_std=5.25)
+    assert wide.bank_index.tolist() == [i * 4 for i in range(24)]
     # min_channel_length=2 makes channel 2 a candidate: distances 1.37, 1.49, 2.69 to its mean,
     # std 0.59, all three inside 5 std, so it joins the bank.
     low = filter_channels(store, members, min_length=2, max_std=5.0)
     assert low.n_kept_channels == 2
-    assert low.bank_index.tolist() == sorted([i * 3 for i in range(23)] + [2, 5, 8])
+    assert low.bank_index.tolist() == sorted([i * 4 for i in range(23)] + [2, 6, 10])
 
 
 def test_channel_filter_matches_the_reference_transcription():
