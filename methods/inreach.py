@@ -305,14 +305,14 @@ def mutual_nearest_neighbors(
     n_seed = seed.shape[0]
     img_sq = (images * images).sum(-1, keepdim=True)  # (B, P, 1)
     seed_sq = (seed * seed).sum(-1)  # (S,)
-    # Three (B, P, s) blocks live at once: products, distances, a comparison.
-    step = min(n_seed, _rows_within(3.0 * batch * n_patches * images.element_size(), budget_mb))
+    # Two (B, P, s) blocks live at once: the distances (built in place) and a comparison.
+    step = min(n_seed, _rows_within(2.0 * batch * n_patches * images.element_size(), budget_mb))
     best_d = torch.full((batch, n_patches), float("inf"), dtype=images.dtype, device=images.device)
     best_i = torch.zeros((batch, n_patches), dtype=torch.long, device=images.device)
     seed_to_image = torch.empty((batch, n_seed), dtype=torch.long, device=images.device)
     for s0 in range(0, n_seed, step):
         block = seed[s0:s0 + step]
-        d2 = (img_sq - 2.0 * (images @ block.T) + seed_sq[None, None, s0:s0 + step]).clamp_(min=0)
+        d2 = (images @ block.T).mul_(-2.0).add_(img_sq).add_(seed_sq[s0:s0 + step]).clamp_(min=0)
         values, index = d2.min(dim=2)  # first minimum within the block
         better = values < best_d  # strict: an earlier block keeps its ties
         best_d = torch.where(better, values, best_d)
@@ -360,8 +360,8 @@ def associate(
     best_patch = torch.zeros((n_images, n_patches), dtype=torch.long, device=device)
     best_mutual = torch.zeros((n_images, n_patches), dtype=torch.bool, device=device)
     seeds = store[:n_seeds].to(device=device, dtype=torch.float32)
-    # Images per chunk: one (chunk, P, P) distance block (x3) fits the budget; at least one.
-    per_chunk = _rows_within(3.0 * n_patches * n_patches * 4, budget_mb)
+    # Images per chunk: their (chunk, P, P) distance blocks (x2) fit the budget; at least one.
+    per_chunk = _rows_within(2.0 * n_patches * n_patches * 4, budget_mb)
     for start in range(1, n_images, per_chunk):
         stop = min(n_images, start + per_chunk)
         chunk = store[start:stop].to(device=device, dtype=torch.float32)
