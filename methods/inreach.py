@@ -614,10 +614,19 @@ class InReaCh(Method):
         choice = self.config.store
         if choice == "cpu" or self.device.type != "cuda":
             return torch.device("cpu")
-        if choice == "device":
-            return self.device
         free, _ = torch.cuda.mem_get_info(self.device)
+        if choice == "device":
+            self._check_device_room(n_bytes, free, "the training descriptors", "store=cpu")
+            return self.device
         return self.device if n_bytes < free / 2 else torch.device("cpu")
+
+    def _check_device_room(self, n_bytes: int, free: int, what: str, remedy: str) -> None:
+        """One line instead of a CUDA out-of-memory error deep inside fit."""
+        if n_bytes > free:
+            raise UserError(
+                f"{self.name}: {what} need {n_bytes / 2**20:.0f} MB on {self.device}, which has "
+                f"{free / 2**20:.0f} MB free; use {remedy} or a device with more memory"
+            )
 
     def decide_positional(self, images: torch.Tensor) -> float:
         """Set :attr:`positional` for these training images; returns the transpose MSE."""
@@ -694,6 +703,11 @@ class InReaCh(Method):
             )
         flat_store = store.view(n_images * n_patches, dim)
         index = torch.from_numpy(outcome.bank_index).to(store.device)
+        if self.device.type == "cuda":
+            bank_bytes = index.numel() * dim * store.element_size()
+            remedy = "feature_dtype=float16" if cfg.feature_dtype == "float32" else "store=cpu"
+            self._check_device_room(bank_bytes, torch.cuda.mem_get_info(self.device)[0],
+                                    f"the bank ({index.numel()} patches)", remedy)
         bank = torch.empty((index.numel(), dim), dtype=dtype, device=self.device)
         step = max(1, int(cfg.budget_mb * 2**20 // (dim * store.element_size())))
         for start in range(0, index.numel(), step):
