@@ -878,8 +878,7 @@ class InReaCh(Method):
 register_variant(
     "inreach-corrected", "inreach",
     {"channel_indices": "matched", "colour": "rgb", "batchnorm": "running"},
-    "InReaCh as its paper describes it: matched pairs in the channels, RGB ImageNet "
-    "normalisation, BatchNorm with its ImageNet statistics (the reference code does none of "
-    "the three)",
+    "InReaCh with the reference code's three departures undone: matched pairs in the "
+    "channels, RGB ImageNet normalisation, BatchNorm with its ImageNet statistics",
     label="InReaCh (corrected)",
 )
