@@ -32,7 +32,7 @@ NoiseDiscriminator = Literal["lof", "nearest", "gaussian"]
 DEFAULT_BUDGET_MB = 256.0
 
 
-def _rows_per_chunk(bytes_per_row: float, budget_mb: float) -> int:
+def rows_per_chunk(bytes_per_row: float, budget_mb: float) -> int:
     """How many rows of ``bytes_per_row`` fit in ``budget_mb`` (at least one)."""
     return max(1, int(budget_mb * 2**20 // max(bytes_per_row, 1.0)))
 
@@ -129,7 +129,7 @@ def _pairwise_within(x: torch.Tensor) -> torch.Tensor:
 
 def _chunked_over_positions(fn, x: torch.Tensor, bytes_per_position: float, budget_mb: float):
     """Apply ``fn`` to slices of ``x`` (P, N, d) along P and concatenate the (p, N) results."""
-    step = _rows_per_chunk(bytes_per_position, budget_mb)
+    step = rows_per_chunk(bytes_per_position, budget_mb)
     return torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)], dim=0)
 
 
@@ -266,14 +266,14 @@ def nearest_neighbors(
         raise ValueError(f"k={k} nearest neighbours requested from a bank of {n_bank}")
     elem = queries.element_size()
     # Two (q, b) blocks live at once (products and distances).
-    bank_step = min(n_bank, _rows_per_chunk(2.0 * elem, budget_mb))
+    bank_step = min(n_bank, rows_per_chunk(2.0 * elem, budget_mb))
     convert = bank.dtype != queries.dtype
     if convert:
-        bank_step = min(bank_step, _rows_per_chunk(bank.shape[1] * elem, budget_mb))
+        bank_step = min(bank_step, rows_per_chunk(bank.shape[1] * elem, budget_mb))
     if bank_sq_norms is None:
         bank_sq_norms = row_sq_norms(bank, queries.dtype, bank_step) if convert else (
             (bank * bank).sum(1))
-    query_step = _rows_per_chunk(2.0 * elem * bank_step, budget_mb)
+    query_step = rows_per_chunk(2.0 * elem * bank_step, budget_mb)
     out_dist, out_idx = [], []
     for q0 in range(0, queries.shape[0], query_step):
         q = queries[q0 : q0 + query_step]

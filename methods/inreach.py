@@ -74,7 +74,7 @@ from methods.base import (
     register_variant,
 )
 from methods.rd import gaussian_blur
-from methods.softpatch import _check_images, patch_features
+from methods.softpatch import check_images, patch_features
 
 STATE_FORMAT = "inreach-bank/1"
 # Config fields that change speed and memory, never a result: a saved bank loads whatever they are.
@@ -281,10 +281,6 @@ def positional_channels(batch: int, height: int, width: int, weight: float,
 # Associations
 
 
-def _rows_within(bytes_per_row: float, budget_mb: float) -> int:
-    return max(1, int(budget_mb * 2**20 // max(bytes_per_row, 1.0)))
-
-
 def mutual_nearest_neighbors(
     seed: torch.Tensor, images: torch.Tensor, *, budget_mb: float = cs.DEFAULT_BUDGET_MB
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,7 +302,7 @@ def mutual_nearest_neighbors(
     img_sq = (images * images).sum(-1, keepdim=True)  # (B, P, 1)
     seed_sq = (seed * seed).sum(-1)  # (S,)
     # Two (B, P, s) blocks live at once: the distances (built in place) and a comparison.
-    step = min(n_seed, _rows_within(2.0 * batch * n_patches * images.element_size(), budget_mb))
+    step = min(n_seed, cs.rows_per_chunk(2.0 * batch * n_patches * images.element_size(), budget_mb))
     best_d = torch.full((batch, n_patches), float("inf"), dtype=images.dtype, device=images.device)
     best_i = torch.zeros((batch, n_patches), dtype=torch.long, device=images.device)
     seed_to_image = torch.empty((batch, n_seed), dtype=torch.long, device=images.device)
@@ -361,7 +357,7 @@ def associate(
     best_mutual = torch.zeros((n_images, n_patches), dtype=torch.bool, device=device)
     seeds = store[:n_seeds].to(device=device, dtype=torch.float32)
     # Images per chunk: their (chunk, P, P) distance blocks (x2) fit the budget; at least one.
-    per_chunk = _rows_within(2.0 * n_patches * n_patches * 4, budget_mb)
+    per_chunk = cs.rows_per_chunk(2.0 * n_patches * n_patches * 4, budget_mb)
     for start in range(1, n_images, per_chunk):
         stop = min(n_images, start + per_chunk)
         chunk = store[start:stop].to(device=device, dtype=torch.float32)
@@ -650,7 +646,7 @@ class InReaCh(Method):
             raise UserError(
                 f"{self.name}: associations need at least 2 training images, got {n_images}"
             )
-        _check_images(train.images, f"{self.name}.fit")
+        check_images(train.images, f"{self.name}.fit")
         self.image_size = tuple(int(s) for s in train.images.shape[-2:])
         timer = self._clock()
         mse = self.decide_positional(train.images)
@@ -784,7 +780,7 @@ class InReaCh(Method):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int | None = None) -> Prediction:
         """Image scores (max of the smoothed map) and maps at the input size."""
-        _check_images(images, f"{self.name}.predict")
+        check_images(images, f"{self.name}.predict")
         if self.bank is None:
             raise RuntimeError(f"{self.name}: predict called before fit or load_state_dict")
         out_size = tuple(int(s) for s in images.shape[-2:])

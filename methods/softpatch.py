@@ -140,7 +140,8 @@ def patch_features(
     return F.adaptive_avg_pool1d(stacked, target_dim).view(batch, height, width, target_dim)
 
 
-def _check_images(images: torch.Tensor, where: str) -> None:
+def check_images(images: torch.Tensor, where: str) -> None:
+    """Raise if ``images`` is not a uint8 batch (N, 3, H, W) (the method contract's input)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"{where} expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
@@ -357,7 +358,7 @@ class SoftPatch(Method):
         ``batch_size`` defaults to the config's, so lowering it to fit a small GPU bounds
         inference as well as fitting.
         """
-        _check_images(images, f"{self.name}.predict")
+        check_images(images, f"{self.name}.predict")
         if self.bank is None:
             raise RuntimeError(f"{self.name}: predict called before fit or load_state_dict")
         out_size = tuple(images.shape[-2:])
