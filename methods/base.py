@@ -60,6 +60,14 @@ class TrainSet:
         return int(self.images.shape[0])
 
 
+def check_image_batch(images: torch.Tensor, where: str) -> None:
+    """Raise if ``images`` is not a uint8 batch (N, 3, H, W), the contract's input."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"{where} expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What :meth:`Method.predict` returns."""

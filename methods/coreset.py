@@ -14,7 +14,8 @@ category (~900 images x 784 patches) fits on one GPU and a tiny test fits on two
   noise discriminators. Each scores every training image's patch against the patches of all
   training images at the *same* spatial position.
 - :func:`noisy_patch_mask` - the patches above the ``1 - ratio`` quantile of the noise scores.
-- :func:`nearest_neighbors` - chunked k-nearest-neighbour search of query patches in a bank.
+- :func:`nearest_neighbors` - chunked k-nearest-neighbour search of query patches in a bank
+  (the bank may be stored in half precision).
 - :func:`gaussian_blur` - Gaussian smoothing of anomaly maps, equal to
   ``scipy.ndimage.gaussian_filter(mode="reflect", truncate=4.0)`` applied per map.
 """
@@ -31,7 +32,7 @@ NoiseDiscriminator = Literal["lof", "nearest", "gaussian"]
 DEFAULT_BUDGET_MB = 256.0
 
 
-def _rows_per_chunk(bytes_per_row: float, budget_mb: float) -> int:
+def rows_per_chunk(bytes_per_row: float, budget_mb: float) -> int:
     """How many rows of ``bytes_per_row`` fit in ``budget_mb`` (at least one)."""
     return max(1, int(budget_mb * 2**20 // max(bytes_per_row, 1.0)))
 
@@ -128,7 +129,7 @@ def _pairwise_within(x: torch.Tensor) -> torch.Tensor:
 
 def _chunked_over_positions(fn, x: torch.Tensor, bytes_per_position: float, budget_mb: float):
     """Apply ``fn`` to slices of ``x`` (P, N, d) along P and concatenate the (p, N) results."""
-    step = _rows_per_chunk(bytes_per_position, budget_mb)
+    step = rows_per_chunk(bytes_per_position, budget_mb)
     return torch.cat([fn(x[i : i + step]) for i in range(0, x.shape[0], step)], dim=0)
 
 
@@ -254,24 +255,32 @@ def nearest_neighbors(
     Squared Euclidean distances by default (what a FAISS ``IndexFlatL2`` returns, and so what
     PatchCore and SoftPatch score with). Queries and, for very large banks, the bank itself are
     processed in chunks so that no distance block exceeds ``budget_mb``.
+
+    A bank stored in a lower precision than the queries (a float16 bank, float32 queries) is
+    searched in the queries' precision: each bank chunk is converted on the fly, and that copy is
+    held to ``budget_mb`` too, so the bank never exists in full in the higher precision.
     """
     n_bank = bank.shape[0]
     k = int(k)
     if not 1 <= k <= n_bank:
         raise ValueError(f"k={k} nearest neighbours requested from a bank of {n_bank}")
-    if bank_sq_norms is None:
-        bank_sq_norms = (bank * bank).sum(1)
     elem = queries.element_size()
     # Two (q, b) blocks live at once (products and distances).
-    bank_step = min(n_bank, _rows_per_chunk(2.0 * elem, budget_mb))
-    query_step = _rows_per_chunk(2.0 * elem * bank_step, budget_mb)
+    bank_step = min(n_bank, rows_per_chunk(2.0 * elem, budget_mb))
+    convert = bank.dtype != queries.dtype
+    if convert:
+        bank_step = min(bank_step, rows_per_chunk(bank.shape[1] * elem, budget_mb))
+    if bank_sq_norms is None:
+        bank_sq_norms = row_sq_norms(bank, queries.dtype, bank_step) if convert else (
+            (bank * bank).sum(1))
+    query_step = rows_per_chunk(2.0 * elem * bank_step, budget_mb)
     out_dist, out_idx = [], []
     for q0 in range(0, queries.shape[0], query_step):
         q = queries[q0 : q0 + query_step]
         q_sq = (q * q).sum(1, keepdim=True)
         best_d = best_i = None
         for b0 in range(0, n_bank, bank_step):
-            b = bank[b0 : b0 + bank_step]
+            b = bank[b0 : b0 + bank_step].to(queries.dtype)  # no copy when the dtypes agree
             d2 = (q_sq - 2.0 * (q @ b.T) + bank_sq_norms[None, b0 : b0 + bank_step]).clamp_(min=0)
             kk = min(k, d2.shape[1])
             d, i = torch.topk(d2, kk, dim=1, largest=False)
@@ -285,6 +294,16 @@ def nearest_neighbors(
         out_idx.append(best_i)
     dist = torch.cat(out_dist)
     return (dist if squared else dist.sqrt()), torch.cat(out_idx)
+
+
+def row_sq_norms(rows: torch.Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
+    """Squared L2 norm (M,) of every row, computed in ``dtype`` ``step`` rows at a time (a float16
+    matrix's norms in float32 without a float32 copy of the whole matrix)."""
+    out = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
+    for start in range(0, rows.shape[0], max(1, int(step))):
+        chunk = rows[start : start + step].to(dtype)
+        out[start : start + chunk.shape[0]] = (chunk * chunk).sum(1)
+    return out
 
 
 def _gaussian_kernel(sigma: float, truncate: float, device, dtype) -> torch.Tensor:

@@ -52,6 +52,7 @@ from methods.base import (
     Method,
     Prediction,
     TrainSet,
+    check_image_batch,
     register_method,
     register_variant,
 )
@@ -419,7 +420,7 @@ class FunAD(Method):
     def extract(self, images: torch.Tensor) -> PatchTokens:
         """Backbone tokens of uint8 images (N, 3, H, W), stored in ``feature_dtype`` on the
         method's device."""
-        _check_images(images, f"{self.name}.extract")
+        check_image_batch(images, f"{self.name}.extract")
         backbone = self._build_backbone()
         grid = backbone.grid(images.shape[-2], images.shape[-1])
         dtype = getattr(torch, self.config.feature_dtype)
@@ -597,7 +598,7 @@ class FunAD(Method):
     def predict(self, images: torch.Tensor, batch_size: int | None = None) -> Prediction:
         """Scores (N,) = max raw patch score; maps (N, H, W) = patch scores resized bilinearly
         (cv2.resize, i.e. align_corners=False) to the image, then Gaussian ``gaussian_sigma``."""
-        _check_images(images, f"{self.name}.predict")
+        check_image_batch(images, f"{self.name}.predict")
         if self.net is None:
             raise RuntimeError(f"{self.name}: predict() needs fit() or load_state_dict() first")
         self.net.eval()
@@ -678,12 +679,6 @@ class FunAD(Method):
             info["feature_grid"] = list(self.fit_stats["grid"])
             info["feature_dim"] = self.fit_stats.get("feature_dim")
         return info
-
-
-def _check_images(images: torch.Tensor, where: str) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"{where} expects uint8 images (N, 3, H, W), got {images.dtype} "
-                         f"{tuple(images.shape)}")
 
 
 def check_backbone_weights(config: FunADConfig, teacher_weights: str) -> None:

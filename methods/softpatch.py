@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from bench.errors import UserError
 from methods import coreset as cs
 from methods.backbones import build_teacher, check_backbone, teacher_check, weights_id
-from methods.base import EpochObserver, Method, Prediction, TrainSet, register_method
+from methods.base import (
+    EpochObserver,
+    Method,
+    Prediction,
+    TrainSet,
+    check_image_batch,
+    register_method,
+)
 
 STATE_FORMAT = "softpatch-bank/1"
 # Config fields that change speed and memory, never a result: a saved bank loads whatever they are.
@@ -138,13 +145,6 @@ def patch_features(
         pooled.append(layer.reshape(batch * height * width, 1, pretrain_dim))
     stacked = torch.cat(pooled, dim=2)  # (BHW, 1, n_layers * pretrain_dim)
     return F.adaptive_avg_pool1d(stacked, target_dim).view(batch, height, width, target_dim)
-
-
-def _check_images(images: torch.Tensor, where: str) -> None:
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"{where} expects uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
-        )
 
 
 @register_method
@@ -379,7 +379,7 @@ class SoftPatch(Method):
         ``batch_size`` defaults to the config's, so lowering it to fit a small GPU bounds
         inference as well as fitting.
         """
-        _check_images(images, f"{self.name}.predict")
+        check_image_batch(images, f"{self.name}.predict")
         if self.bank is None:
             raise RuntimeError(f"{self.name}: predict called before fit or load_state_dict")
         out_size = tuple(images.shape[-2:])
