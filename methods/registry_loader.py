@@ -5,7 +5,7 @@ Adding a method = one module under ``methods/`` + its name in ``BUILTIN_MODULES`
 
 import importlib
 
-BUILTIN_MODULES = ("methods.rd", "methods.cdd", "methods.softpatch")
+BUILTIN_MODULES = ("methods.rd", "methods.cdd", "methods.softpatch", "methods.urd")
 
 
 def load_builtin_methods() -> None:
