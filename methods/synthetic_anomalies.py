@@ -322,21 +322,34 @@ def _builtin_texture(rng: np.random.Generator, height: int, width: int) -> torch
 
 class BuiltinTextures(TextureSource):
     """A fixed pool of :data:`BUILTIN_TEXTURE_COUNT` procedural textures made by this harness
-    from seed :data:`BUILTIN_TEXTURE_SEED` (the same pool for every run, as a dataset would be).
-    Not the paper's DTD: provenance says so."""
+    (the same pool for every run, as a dataset would be). Not the paper's DTD: provenance says
+    so. Texture i is drawn from seed (:data:`BUILTIN_TEXTURE_SEED`, i) when first asked for and
+    then kept, so a run pays only for the textures it uses, in any order."""
 
     def __init__(self, height: int, width: int, count: int = BUILTIN_TEXTURE_COUNT):
-        rng = np.random.default_rng(BUILTIN_TEXTURE_SEED)
-        pool = torch.stack([_builtin_texture(rng, height, width) for _ in range(count)])
-        self.pool = (pool * 255.0).round().clamp(0, 255).to(torch.uint8)
+        self.size = (height, width)
+        self.count = int(count)
+        self._made: dict[int, torch.Tensor] = {}
         self.description = (f"{BUILTIN_TEXTURE_ID} ({count} procedural textures, seed "
                             f"{BUILTIN_TEXTURE_SEED}; not the paper's DTD)")
 
     def __len__(self) -> int:
-        return int(self.pool.shape[0])
+        return self.count
+
+    def texture(self, index: int) -> torch.Tensor:
+        """Texture ``index`` as uint8 (3, H, W)."""
+        index = int(index)
+        if not 0 <= index < self.count:
+            raise IndexError(f"built-in texture {index} of {self.count}")
+        made = self._made.get(index)
+        if made is None:
+            rng = np.random.default_rng([BUILTIN_TEXTURE_SEED, index])
+            made = _builtin_texture(rng, *self.size)
+            made = self._made[index] = (made * 255.0).round().clamp(0, 255).to(torch.uint8)
+        return made
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.pool[torch.as_tensor(list(indices), dtype=torch.long)]
+        return torch.stack([self.texture(i) for i in indices])
 
 
 def texture_source(root: str | None, height: int, width: int) -> TextureSource:
