@@ -79,7 +79,7 @@ def measure(method_name: str, config: dict, args: argparse.Namespace) -> dict[st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
-                        help="smoke mode: resnet18, 32 px, 8 images, batch 4, 2 epochs")
+                        help="smoke mode: resnet18, 32 px, 4 images, batch 4, 2 epochs")
     parser.add_argument("--backbone", default="resnet18", choices=("resnet18", "wide_resnet50_2"))
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (x32)")
     parser.add_argument("--n", type=int, default=32, help="number of training images")
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fp32", action="store_true", help="disable bf16 and channels_last")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.backbone, args.size, args.n, args.batch_size, args.epochs = "resnet18", 32, 8, 4, 2
-        args.predict_batch_size = 8
+        args.backbone, args.size, args.n, args.batch_size, args.epochs = "resnet18", 32, 4, 4, 2
+        args.predict_batch_size = 4
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is the warm-up")
     if args.threads:
