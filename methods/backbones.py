@@ -50,6 +50,7 @@ _IMAGENET_WEIGHTS = {
 }
 # Teacher submodules, in forward order; their state_dict keys are torchvision's.
 _KEPT = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+TEACHER_MODULES = _KEPT
 # Keys of a full torchvision checkpoint that a truncated teacher ignores.
 _DROPPED_PREFIXES = ("layer4.", "fc.")
 
@@ -194,9 +195,14 @@ class Teacher(Encoder):
         return super().train(False)
 
 
-def load_backbone_net(backbone: str, weights: str) -> tuple[nn.Module, str]:
+def load_backbone_net(backbone: str, weights: str,
+                      needs: tuple[str, ...] = _KEPT) -> tuple[nn.Module, str]:
     """The whole torchvision network (layer4 and fc included) with ``weights`` loaded, and the
-    weights' provenance id; see :func:`build_teacher` for ``weights`` and the errors."""
+    weights' provenance id; see :func:`build_teacher` for ``weights`` and the errors.
+
+    ``needs``: the top-level modules the caller runs; a weight file must hold all of their
+    keys (by default the teacher's, up to layer3; a method reading layer4 passes
+    ``(*TEACHER_MODULES, "layer4")`` so a file without it is refused, not half-random)."""
     check_backbone(backbone)
     constructor = getattr(torchvision.models, backbone)
     seed = random_teacher_seed(weights)
@@ -213,7 +219,7 @@ def load_backbone_net(backbone: str, weights: str) -> tuple[nn.Module, str]:
         return net, weights_id(backbone, "imagenet")
     path = _existing_file(weights)
     state = _load_state_file(path)
-    _check_state_dict(state, net, backbone, path)
+    _check_state_dict(state, net, backbone, path, needs)
     net.load_state_dict(state, strict=False)
     return net, f"file:{_file_sha256(path)[:12]}"
 
@@ -233,12 +239,13 @@ def build_teacher(backbone: str, weights: str) -> Teacher:
     return Teacher(backbone, *load_backbone_net(backbone, weights))
 
 
-def teacher_check(backbone: str, weights: str):
-    """A method's ``weights_check`` for a teacher of ``backbone`` with ``weights``: the key
-    and the loader (random weights need no check: None)."""
+def teacher_check(backbone: str, weights: str, needs: tuple[str, ...] = _KEPT):
+    """A method's ``weights_check`` for a torchvision ``backbone`` with ``weights`` whose
+    modules ``needs`` it runs: the key and the loader (random weights need no check: None)."""
     if random_teacher_seed(weights) is not None:
         return None
-    return ("torchvision", backbone, weights), lambda: build_teacher(backbone, weights)
+    return (("torchvision", backbone, weights, tuple(needs)),
+            lambda: load_backbone_net(backbone, weights, needs))
 
 
 def build_encoder(backbone: str, weights: str) -> Encoder:
@@ -342,11 +349,13 @@ def _load_state_file(path: Path) -> Mapping[str, torch.Tensor]:
 
 
 def _check_state_dict(
-    state: Mapping[str, torch.Tensor], net: nn.Module, backbone: str, path: Path
+    state: Mapping[str, torch.Tensor], net: nn.Module, backbone: str, path: Path,
+    needs: tuple[str, ...] = _KEPT,
 ) -> None:
-    """Name the first missing key, unexpected key or shape mismatch against torchvision's net."""
+    """Name the first missing key, unexpected key or shape mismatch against torchvision's net
+    (the keys of the modules in ``needs`` must all be there)."""
     expected = {
-        k: v for k, v in net.state_dict().items() if k.split(".", 1)[0] in _KEPT
+        k: v for k, v in net.state_dict().items() if k.split(".", 1)[0] in needs
     }
     # BatchNorm's counter is absent from older torchvision checkpoints and unused in eval mode.
     needed = [k for k in expected if not k.endswith("num_batches_tracked")]

@@ -60,8 +60,10 @@ from bench.errors import UserError
 from methods import coreset as cs
 from methods.backbones import (
     IMAGENET_STD,
+    TEACHER_MODULES,
     check_backbone,
     load_backbone_net,
+    teacher_check,
     teacher_input,
     weights_id,
 )
@@ -217,7 +219,7 @@ def build_block_extractor(
 ) -> tuple[nn.Module, str]:
     """A frozen module mapping normalised images to the dict {block name: output} of
     :data:`BLOCKS` (layers after the last block are not run), and the weights' provenance id."""
-    net, wid = load_backbone_net(backbone, weights)
+    net, wid = load_backbone_net(backbone, weights, needs=(*TEACHER_MODULES, "layer4"))
     if batchnorm == "per_image":
         _use_per_image_batchnorm(net)
     extractor = create_feature_extractor(
@@ -548,6 +550,11 @@ class InReaCh(Method):
     paper_setup = {"backbone": "wide_resnet50_2", "channel_indices": "official",
                    "colour": "official_bgr", "batchnorm": "per_image"}
     smoke_overrides = {"backbone": "resnet18"}
+
+    @classmethod
+    def weights_check(cls, config, teacher_weights):
+        """The backbone up to layer4 (InReaCh reads layer4.0): a file must hold all of it."""
+        return teacher_check(config.backbone, teacher_weights, (*TEACHER_MODULES, "layer4"))
 
     def __init__(
         self,

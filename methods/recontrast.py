@@ -42,6 +42,7 @@ from methods.backbones import (
     Teacher,
     build_encoder,
     check_backbone,
+    teacher_check,
     teacher_input,
     weights_id,
 )
@@ -428,6 +429,11 @@ class ReContrast(Method):
         "visa": {"*": {"iterations": 3000},
                  **{c: {"encoder_bn": "eval"} for c in ("cashew", "pcb1")}},
     }
+
+    @classmethod
+    def weights_check(cls, config, teacher_weights):
+        """The backbone's weights (trainable and frozen copies start from the same file)."""
+        return teacher_check(config.backbone, teacher_weights)
 
     def __init__(self, config: ReContrastConfig | None = None, *,
                  teacher_weights: str = "imagenet", device: str | torch.device = "cpu",

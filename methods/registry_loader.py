@@ -8,7 +8,7 @@ import importlib
 from collections.abc import Iterable
 
 BUILTIN_MODULES = ("methods.rd", "methods.cdd", "methods.softpatch", "methods.recontrast",
-                   "methods.inreach", "methods.funad")
+                   "methods.urd", "methods.inreach", "methods.funad")
 
 
 def load_builtin_methods() -> None:

@@ -219,3 +219,14 @@ def test_encoder_is_a_trainable_copy_of_the_teacher():
     loss = sum(f.mean() for f in encoder(images))
     loss.backward()
     assert encoder.layer3[0].conv1.weight.grad is not None
+
+
+def test_a_method_reading_layer4_refuses_a_file_without_it(tmp_path):
+    from methods.backbones import TEACHER_MODULES, load_backbone_net
+
+    net = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "truncated.pth"
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("layer4.")}, path)
+    load_backbone_net("resnet18", str(path))  # enough for a teacher (up to layer3)
+    with pytest.raises(UserError, match="missing key 'layer4"):
+        load_backbone_net("resnet18", str(path), needs=(*TEACHER_MODULES, "layer4"))
