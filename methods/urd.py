@@ -2,7 +2,8 @@
 
 Reference semantics: hito2448/URD at 95dd027 (``train.py``, ``train_visa.py``,
 ``models/teacher.py``, ``models/student.py``, ``utils/perlin.py``, ``dataset/dataset_noise.py``);
-the facts are collected in BASELINES.md §1. Every line here is written for this harness.
+the facts read from it and the choices made here are in ``docs/urd.md``. Every line here is
+written for this harness.
 
 Three networks (Expert-Teacher-Student):
 
@@ -365,7 +366,7 @@ class URD(Method):
     display_name = paper_name = "URD"
     column_rank = 30
     # What CDD ran: WRN50, ImageNet weights (CDD §5.1, §5.2); budget, resolution and skip path
-    # are not stated there (BASELINES §1) and are not judged.
+    # are not stated there (docs/urd.md) and are not judged.
     paper_setup = {"backbone": "wide_resnet50_2", "max_steps": None}
     smoke_overrides = {"backbone": "resnet18", "iterations": 2, "max_steps": 2, "batch_size": 4}
     # Per-category config of the official scripts, dataset -> category -> field -> value,
@@ -636,7 +637,7 @@ class URD(Method):
         return info
 
 
-# CDD's unified protocol (BASELINES "What this harness must decide"): 256 -> 224 centre crop
+# CDD's unified protocol (docs/urd.md): 256 -> 224 centre crop
 # (the sweep's geometry), the last step reported, this harness's noisy split. The budget stays
 # the official iterations even where a sweep's defaults say `epochs: 200`; `--set
 # urd-cdd.epochs=200` gives CDD §5.2's 200 epochs.

@@ -27,7 +27,7 @@ from methods.recontrast import (
 )
 
 SIZE = 64
-# Parameters receiving a gradient (BASELINES.md §2, confirmed on the official models):
+# Parameters receiving a gradient (counted on the official models, docs/recontrast.md):
 # trainable encoder, OCBE, decoder body + two sets of output heads.
 REFERENCE_COUNTS = {
     "wide_resnet50_2": (24_862_528, 58_885_120, 27_673_600, 111_421_248),

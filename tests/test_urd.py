@@ -66,7 +66,7 @@ def _inputs(method, n=2, size=SIZE, seed=0):
 
 
 def test_wrn50_parameter_counts_by_gradient():
-    """The official counts (BASELINES §1), counted as the parameters that receive a gradient
+    """The official counts (docs/urd.md), counted as the parameters that receive a gradient
     in one training step of each network."""
     method = build_method("urd", {"backbone": "wide_resnet50_2"}, teacher_weights="random")
     method.build_networks()
@@ -287,7 +287,7 @@ def test_teacher_batchnorm_is_in_train_mode_only_for_its_own_step():
 
 
 def test_budget_iterations_round_up_to_whole_epochs_and_epochs_win():
-    # BASELINES §1: bottle, 209 images, batch 16 -> 14 batches, 5,000 iterations -> 358 epochs.
+    # The official loop: bottle, 209 images, batch 16 -> 14 batches, 5,000 iterations -> 358 epochs.
     assert URD(URDConfig()).planned_epochs(209) == 358
     assert URD(URDConfig(iterations=10000)).planned_epochs(224) == 10000 // 14 + 1
     assert URD(URDConfig(epochs=200)).planned_epochs(209) == 200
@@ -548,7 +548,7 @@ def test_registration_variant_and_column():
     assert (info.label, info.paper_name, info.rank) == ("URD", "URD", 30)
 
 
-# BASELINES §1 "Foreground masks" and "Budget", written out independently of the module.
+# The official scripts' foreground lists and budgets, written out independently of the module.
 OFFICIAL_MVTEC = {
     "grabcut": ["bottle", "cable", "hazelnut", "metal_nut", "pill", "toothbrush", "zipper"],
     "otsu": ["capsule", "screw"],
