@@ -28,6 +28,13 @@ no value, or an average over fewer categories than its table has, takes no part 
 
 Where the paper has a cell (MVTec AD at 0.1, VisA at 0.05), each table file also holds the
 paper's values in the same layout and the per-cell delta (ours - paper).
+
+Uncertainty (docs/report.md): every cell of a run with a ``scores.npz`` gets a 95 % bootstrap
+interval over test images (:mod:`bench.uncertainty`), each Δ cell a mark saying whether the
+paper's value lies inside it, and every setting ``paired_<setting>`` (each method against the
+references, RD and CDD by paper name) and ``friedman_<setting>`` tables
+(:mod:`bench.comparisons`). Runs on the toy categories of appendix A.2 (:mod:`bench.toy`) get
+their own table and figure.
 """
 
 from __future__ import annotations

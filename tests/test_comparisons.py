@@ -69,3 +69,13 @@ def test_paired_difference_intervals_and_counts():
     partial = paired_difference("m", "r", values, ref, {**dev, "b": None}, ref_dev)
     assert partial.test_interval is None and partial.inside_noise is None
     assert paired_difference("m", "r", {"x": 1.0}, ref, {}, {}) is None
+
+
+def test_nemenyi_p_values_match_scikit_posthocs():
+    import scikit_posthocs as sp
+
+    values = np.random.default_rng(3).random((12, 4))
+    result = friedman(values, list("abcd"), [str(i) for i in range(12)])
+    # scikit-posthocs ranks within blocks itself; its p-values depend on rank differences only.
+    expected = sp.posthoc_nemenyi_friedman(values).to_numpy()
+    assert np.allclose(result.nemenyi_p(), expected, atol=1e-6)

@@ -477,3 +477,20 @@ def test_speed_accuracy_and_critical_difference_figures(tmp_path):
         assert (figs / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
         assert f"figures/{stem}.png" in index
     assert "fewer than 5 categories" in index
+
+
+def test_the_paper_is_outside_only_beyond_its_rounding():
+    from bench.report import Interval, delta_marks, paper_outside
+
+    ci = Interval(0.9812, 0.99, 0.95, 1000)
+    cells = {("r", "", c): Cell((Stat(0.985, None, 1),), intervals=(ci,)) for c in "abc"}
+    cells[("r", "", "d")] = Cell((Stat(0.985, None, 1),))  # no interval
+    grid = Grid(stem="t", title="t", caption="t", row_header="Category", rows=["r"],
+                groups=[("", list("abcd"))], metrics=("value",), cells=cells,
+                paper={("r", "", "a"): (0.981,), ("r", "", "b"): (0.980,),
+                       ("r", "", "c"): (0.99,), ("r", "", "d"): (0.5,)})
+    # 0.981 may stand for 0.9812 (printed to 3 decimals): inside; 0.980 cannot: outside.
+    assert paper_outside(grid) == {("r", "", "a"): (False,), ("r", "", "b"): (True,),
+                                   ("r", "", "c"): (False,), ("r", "", "d"): (None,)}
+    assert delta_marks(grid) == {("r", "", "a"): ("",), ("r", "", "b"): ("†",),
+                                 ("r", "", "c"): ("",), ("r", "", "d"): ("?",)}

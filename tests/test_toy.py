@@ -176,3 +176,12 @@ def test_tsne_of_teacher_features(source, tmp_path):
     index = render_report(res, tmp_path / "out", bootstrap=0).read_text()
     assert (figures / f"{stem}.png").is_file()
     assert f"figures/{stem}.png" in index and "from an earlier rendering" in index
+
+
+def test_roles_of_the_toy_maps():
+    from bench.toy import _Column, _role
+
+    all44, student1 = _Column("a", None, None, {}), _Column("b", None, 0, {})
+    assert _role(0, all44) == "in training" and _role(None, all44) == "held out"
+    assert _role(0, student1) == "in domain" and _role(1, student1) == "out of domain"
+    assert _role(None, student1) == "held out"
