@@ -15,7 +15,7 @@ import sys
 from bench.errors import UserError
 
 # Order is the order shown in --help.
-COMMANDS = ("demo", "list", "synth", "splits", "run", "report", "regress")
+COMMANDS = ("demo", "list", "synth", "splits", "run", "report", "regress", "toy")
 
 
 class _Parser(argparse.ArgumentParser):

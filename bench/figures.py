@@ -23,8 +23,10 @@ import math
 import statistics
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,13 +80,42 @@ def load_scores(path: Path) -> dict[str, np.ndarray] | None:
         return None
 
 
-def render_figures(runs, out_dir: Path, *, pro: str,
-                   scores_path: Callable) -> tuple[list[tuple[str, Path]], list[str]]:
+@dataclass
+class MethodPoint:
+    """One method of one setting and protocol in Fig. 1(b): category averages, their 95 %
+    intervals over test images, and the inference speed."""
+
+    title: str
+    p_auroc: float | None
+    pro: float | None
+    p_interval: Any = None  # bench.stats.Interval
+    pro_interval: Any = None
+    partial: bool = False  # an average over fewer categories than the setting has
+    fps: float | None = None  # test images per second, mean over the method's runs
+
+
+@dataclass
+class SettingSummary:
+    """What the report computed for one setting that its summary figures draw."""
+
+    setting: Any  # bench.report.Setting (title, slug)
+    pro: str
+    points: dict[str, list[MethodPoint]] = field(default_factory=dict)  # protocol -> points
+    friedman: dict = field(default_factory=dict)  # (protocol, metric) -> comparisons.Friedman
+    devices: tuple[str, ...] = ()
+
+
+def render_figures(runs, out_dir: Path, *, pro: str, scores_path: Callable,
+                   summaries: Iterable[SettingSummary] = ()
+                   ) -> tuple[list[tuple[str, Path]], list[str]]:
     """Draw every figure the runs allow: ([(title, stem)], [notes on skipped figures])."""
     entries: list[tuple[str, Path]] = []
     notes: list[str] = []
     done = [r for r in runs if r.complete and ablation_table_of(r.method) is None]
     entries += noise_curves(done, out_dir, pro, notes)
+    for summary in summaries:
+        entries += speed_accuracy(summary, out_dir, notes)
+        entries += cd_diagrams(summary, out_dir, notes)
     by_setting = defaultdict(list)
     for run in done:
         by_setting[run.setting].append(run)
@@ -107,6 +138,7 @@ def render_figures(runs, out_dir: Path, *, pro: str,
                 continue
             entries += score_histograms(setting, category, scores, out_dir, notes)
             entries += map_grid(setting, category, scores, out_dir, notes)
+            entries += map_grid(setting, category, scores, out_dir, notes, injected=True)
     entries += diagnostics([r for r in runs if r.complete], out_dir, notes)
     return entries, notes
 
@@ -239,25 +271,37 @@ def score_histograms(setting, category, scores: dict, out_dir: Path,
     return [(f"Score histograms (Fig. 4/A7-like): {setting.title}, {category}", stem)]
 
 
-def map_grid(setting, category, scores: dict, out_dir: Path,
-             notes: list[str]) -> list[tuple[str, Path]]:
-    """Fig. 5 / A6: image, ground truth and each method's anomaly map, for a few test images."""
+def map_grid(setting, category, scores: dict, out_dir: Path, notes: list[str],
+             injected: bool = False) -> list[tuple[str, Path]]:
+    """Fig. 5 / A6: image, ground truth and each method's anomaly map, for a few anomalous
+    No-overlap test images; with ``injected``, Fig. A9 / A10: the injected training images.
+
+    An injected image is a test image the split moved into the training set (``in_no_overlap``
+    False): its stored map is the trained model's map of that training image, as the Overlap
+    protocol scores it.
+    """
     need = {"test_keys", "test_labels", "test_maps", "test_masks", "test_images"}
     usable = {label: d for label, d in sorted(scores.items(), key=lambda kv: _order(kv[0]))
               if need <= d.keys()}
+    what = "injected-image" if injected else "anomaly-map"
     if not usable:
         notes.append(f"{setting.title} {category}: scores.npz lacks test_images/test_maps/"
-                     "test_masks, so no anomaly-map grid")
+                     f"test_masks, so no {what} grid")
         return []
     first = next(iter(usable.values()))
     keys = [str(k) for k in first["test_keys"]]
     keep = first.get("in_no_overlap", np.ones(len(keys), bool)).astype(bool)
+    if injected:
+        keep = ~keep
+        if not keep.any():
+            return []  # a clean training set: nothing was injected
     candidates = [k for k, lab, kp in zip(keys, first["test_labels"], keep) if lab and kp]
     common = [k for k in candidates
               if all(k in set(map(str, d["test_keys"])) for d in usable.values())]
     if not common:
-        notes.append(f"{setting.title} {category}: no anomalous No-overlap test image shared by "
-                     "all methods, so no anomaly-map grid")
+        which = "injected training" if injected else "anomalous No-overlap test"
+        notes.append(f"{setting.title} {category}: no {which} image shared by all methods, so "
+                     f"no {what} grid")
         return []
     pick = [common[i] for i in np.linspace(0, len(common) - 1,
                                            min(MAX_MAP_SAMPLES, len(common))).astype(int)]
@@ -291,6 +335,13 @@ def map_grid(setting, category, scores: dict, out_dir: Path,
         axes[r][0].set_ylabel("/".join(Path(key).parts[-2:]), fontsize=6)
     for c, title in enumerate(["image", "ground truth", *usable]):
         axes[0][c].set_title(title, fontsize=8)
+    if injected:
+        fig.suptitle(f"Anomaly maps of injected training images, {setting.title}, {category}",
+                     fontsize=9)
+        stem = out_dir / f"maps_injected_{setting.slug}_{_slug(category)}"
+        save_figure(fig, stem)
+        return [(f"Injected training images' maps (Fig. A9/A10-like): {setting.title}, "
+                 f"{category}", stem)]
     fig.suptitle(f"Anomaly maps, {setting.title}, {category}", fontsize=9)
     stem = out_dir / f"maps_{setting.slug}_{_slug(category)}"
     save_figure(fig, stem)
@@ -382,3 +433,235 @@ def _as_array(values) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None  # not a scalar series
     return arr if arr.ndim == 1 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Fig. 1(b): localisation against speed; critical-difference diagrams
+
+
+MAX_CIRCLE_AREA = 1600.0  # points^2 of the fastest method's circle
+
+
+def speed_accuracy(summary: SettingSummary, out_dir: Path,
+                   notes: list[str]) -> list[tuple[str, Path]]:
+    """Fig. 1(b): P-AUC (x) against PRO (y) per method, circle area proportional to inference
+    FPS, whiskers = 95 % intervals over test images; one figure per protocol."""
+    plt = _plt()
+    entries = []
+    setting = summary.setting
+    for protocol, points in summary.points.items():
+        points = [p for p in points if p.p_auroc is not None and p.pro is not None]
+        if not points:
+            continue
+        fps = [p.fps for p in points if p.fps]
+        top = max(fps) if fps else None
+        fig, ax = plt.subplots(figsize=(6.2, 4.8), layout="constrained")
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, point in enumerate(points):
+            color = colors[i % len(colors)]
+            xerr = _whisker(point.p_auroc, point.p_interval)
+            yerr = _whisker(point.pro, point.pro_interval)
+            if xerr is not None or yerr is not None:
+                ax.errorbar([point.p_auroc], [point.pro], xerr=xerr, yerr=yerr, fmt="none",
+                            ecolor=color, elinewidth=0.8, capsize=2, alpha=0.8)
+            if point.fps and top:
+                area = MAX_CIRCLE_AREA * point.fps / top
+                ax.scatter([point.p_auroc], [point.pro], s=area, color=color, alpha=0.45,
+                           edgecolors=color, linewidths=1.5,
+                           facecolors="white" if point.partial else color)
+            else:
+                ax.scatter([point.p_auroc], [point.pro], marker="x", s=60, color=color)
+            ax.annotate(point.title, (point.p_auroc, point.pro), xytext=(6, 6),
+                        textcoords="offset points", fontsize=8, color=color)
+        if top:
+            for value in sorted({top, top / 4}):
+                ax.scatter([], [], s=MAX_CIRCLE_AREA * value / top, facecolors="none",
+                           edgecolors="gray", label=f"{value:.3g} FPS")
+            ax.legend(loc="best", fontsize=7, labelspacing=2.2, borderpad=1.2,
+                      title="inference speed", title_fontsize=7)
+        ax.set_xlabel("P-AUC (category mean)")
+        ax.set_ylabel(f"PRO ({summary.pro}, category mean)")
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+        ax.set_title(f"{setting.title}, {PROTOCOL_TITLES[protocol]}: localisation vs speed "
+                     "(area = FPS, whiskers = 95 % interval over test images)", fontsize=8)
+        stem = out_dir / f"speed_accuracy_{setting.slug}_{protocol}"
+        save_figure(fig, stem)
+        entries.append((f"P-AUC vs PRO vs speed (Fig. 1(b)-like): {setting.title}, "
+                        f"{PROTOCOL_TITLES[protocol]}", stem))
+        slow = [p.title for p in points if not p.fps]
+        if slow:
+            notes.append(f"Fig. 1(b) {setting.title} {PROTOCOL_TITLES[protocol]}: no inference "
+                         f"speed recorded for {', '.join(slow)} (drawn as x)")
+        partial = [p.title for p in points if p.partial]
+        if partial:
+            notes.append(f"Fig. 1(b) {setting.title} {PROTOCOL_TITLES[protocol]}: "
+                         f"{', '.join(partial)} average fewer categories than the setting has "
+                         "(hollow circle)")
+    if len(summary.devices) > 1 and summary.points:
+        notes.append(f"Fig. 1(b) {setting.title}: speeds were measured on different devices "
+                     f"({', '.join(summary.devices)}); circle sizes do not compare methods")
+    return entries
+
+
+def _whisker(value: float, ci) -> list[list[float]] | None:
+    if ci is None:
+        return None
+    return [[max(value - ci.low, 0.0)], [max(ci.high - value, 0.0)]]
+
+
+def cd_diagrams(summary: SettingSummary, out_dir: Path,
+                notes: list[str]) -> list[tuple[str, Path]]:
+    """Critical-difference diagrams (Demšar 2006): average ranks over categories, methods the
+    Nemenyi test cannot tell apart joined by a bar, and the CD; one panel per (protocol,
+    metric), drawn by scikit-posthocs."""
+    tests = summary.friedman
+    if not tests:
+        return []
+    import pandas as pd
+    import scikit_posthocs as sp
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(tests), 1, figsize=(7.5, 1.9 * len(tests)), squeeze=False,
+                             layout="constrained")
+    for ax, ((protocol, metric), test) in zip(axes[:, 0], tests.items()):
+        ranks = pd.Series(test.average_ranks, index=list(test.methods))
+        sig = pd.DataFrame(test.nemenyi_p(), index=list(test.methods),
+                           columns=list(test.methods))
+        sp.critical_difference_diagram(ranks, sig, ax=ax)  # joins pairs with p >= 0.05
+        k = len(test.methods)
+        bottom, _ = ax.get_ylim()
+        ax.set_ylim(bottom, 1.5)  # room above the rank axis's labels for the CD bar
+        cd = test.critical_difference
+        ax.plot([1, 1 + cd], [1.05, 1.05], color="black", lw=2)
+        ax.text(1 + cd / 2, 1.12, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=7)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, 0.6), max(hi, 1 + cd + 0.1, k + 0.4))
+        name = {"i_auroc": "I-AUC", "p_auroc": "P-AUC"}.get(metric, f"PRO ({metric})")
+        p = test.p_value
+        p_text = "n/a" if not math.isfinite(p) else f"{p:.3g}"
+        ax.set_title(f"{PROTOCOL_TITLES[protocol]}: {name}; N = {len(test.categories)} "
+                     f"categories, Friedman p = {p_text}", fontsize=8, loc="left")
+    fig.suptitle(f"Average ranks over categories (1 = best), {summary.setting.title}",
+                 fontsize=9)
+    stem = out_dir / f"cd_{summary.setting.slug}"
+    save_figure(fig, stem)
+    if any(len(t.categories) < 5 for t in tests.values()):
+        notes.append(f"critical-difference diagram {summary.setting.title}: fewer than 5 "
+                     "categories, so the Friedman test and the CD have little power")
+    return [(f"Critical-difference diagram (Friedman/Nemenyi): {summary.setting.title}", stem)]
+
+
+# --------------------------------------------------------------------------------------------
+# Fig. A1: t-SNE of teacher features (needs the teacher and the data, not only records)
+
+
+TSNE_PREFIX = "tsne_"
+TSNE_POINTS = 1000  # points per panel: t-SNE of this many takes seconds
+TSNE_ANOMALOUS_SHARE = 0.25  # at most this share of a panel's points are anomalous pixels
+PAPER_TSNE_CATEGORIES = ("carpet", "grid", "leather")  # Fig. A1's categories
+
+
+def teacher_tsne(runs, out_dir: Path, notes: list[str], *, data_root: str | None = None,
+                 categories: Iterable[str] | None = None, points: int = TSNE_POINTS,
+                 device: str = "cpu", seed: int = 0) -> list[tuple[str, Path]]:
+    """Fig. A1: t-SNE of teacher features of one category's test images, normal pixels (green)
+    against anomalous pixels (red), one panel per teacher layer.
+
+    The teacher is rebuilt from a record (its ``backbone`` and ``teacher_weights``) and the
+    images are read from the record's data root (or ``data_root``) at the record's geometry.
+    A feature-map pixel is anomalous when at least half of the image pixels it covers are
+    (masks area-averaged to the layer's size), normal when none is, and left out otherwise.
+    """
+    by_key = {}
+    for run in sorted((r for r in runs if r.complete), key=lambda r: _order(r.label)):
+        spec = run.record.get("spec") or {}
+        cfg = run.record.get("resolved_config") or {}
+        backbone = cfg.get("backbone")
+        if not backbone:
+            continue
+        key = (run.setting, run.category, backbone)
+        by_key.setdefault(key, (run, spec))
+    wanted = set(categories) if categories else None
+    if wanted is None:
+        present = {c for (_, c, _) in by_key}
+        paper = [c for c in PAPER_TSNE_CATEGORIES if c in present]
+        wanted = set(paper or sorted(present)[:3])
+    entries = []
+    unknown = (set(categories) - {c for (_, c, _) in by_key}) if categories else set()
+    for category in sorted(unknown):
+        notes.append(f"t-SNE: no complete run with a backbone for category {category}")
+    for (setting, category, backbone), (_, spec) in sorted(
+            by_key.items(), key=lambda kv: (kv[0][0].order, kv[0][1], kv[0][2])):
+        if category not in wanted:
+            continue
+        root = data_root or spec.get("data_root")
+        try:
+            panels = _tsne_panels(spec, backbone, root, points, device, seed)
+        except Exception as err:  # noqa: BLE001 - one category's data must not stop the report
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            notes.append(f"t-SNE {setting.title} {category}: not drawn ({first})")
+            continue
+        plt = _plt()
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6),
+                                 squeeze=False, layout="constrained")
+        for ax, (layer, xy, anomalous) in zip(axes[0], panels):
+            ax.scatter(xy[~anomalous, 0], xy[~anomalous, 1], s=3, color="tab:green",
+                       alpha=0.6, label=f"normal ({(~anomalous).sum()})")
+            ax.scatter(xy[anomalous, 0], xy[anomalous, 1], s=3, color="tab:red", alpha=0.7,
+                       label=f"anomalous ({anomalous.sum()})")
+            ax.set_title(layer, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.legend(fontsize=7, markerscale=3)
+        fig.suptitle(f"t-SNE of teacher features ({backbone}, {spec.get('teacher_weights')}), "
+                     f"{setting.title}, {category} test pixels", fontsize=9)
+        stem = out_dir / f"{TSNE_PREFIX}{setting.slug}_{_slug(category)}"
+        save_figure(fig, stem)
+        entries.append((f"t-SNE of teacher features (Fig. A1-like): {setting.title}, {category}",
+                        stem))
+    return entries
+
+
+def _tsne_panels(spec: dict, backbone: str, root, points: int, device: str, seed: int):
+    """[(layer name, (n, 2) embedding, (n,) anomalous flags)] of one category's test set."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.manifold import TSNE
+
+    from datasets import Preprocess, load_category, load_images, load_masks
+    from methods.backbones import build_teacher
+
+    if not root:
+        raise ValueError("the record names no data root; pass --data-root")
+    data = load_category(spec["dataset"], root, spec["category"])
+    preprocess = Preprocess(resize=int(spec["resize_size"]), crop=int(spec["image_size"]))
+    images = load_images(data.test, preprocess)
+    masks = torch.from_numpy(load_masks(data.test, preprocess)).float()[:, None]
+    teacher = build_teacher(backbone, str(spec["teacher_weights"])).to(device).eval()
+    rng = np.random.default_rng(seed)
+    features: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], 16):
+            feats = teacher(images[start:start + 16].to(device))
+            features.append([f.float().cpu() for f in feats])
+    panels = []
+    for layer in range(len(features[0])):
+        feats = torch.cat([batch[layer] for batch in features])  # (N, C, h, w)
+        share = F.adaptive_avg_pool2d(masks, feats.shape[-2:])[:, 0].reshape(-1).numpy()
+        vectors = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).numpy()
+        anomalous = np.flatnonzero(share >= 0.5)
+        normal = np.flatnonzero(share == 0)
+        n_anom = min(anomalous.size, int(points * TSNE_ANOMALOUS_SHARE))
+        n_norm = min(normal.size, points - n_anom)
+        pick = np.r_[rng.choice(normal, n_norm, replace=False),
+                     rng.choice(anomalous, n_anom, replace=False)]
+        flags = np.r_[np.zeros(n_norm, bool), np.ones(n_anom, bool)]
+        if pick.size < 5:
+            raise ValueError(f"layer {layer + 1}: only {pick.size} feature pixels")
+        perplexity = float(min(30.0, (pick.size - 1) / 3))
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                  random_state=seed).fit_transform(vectors[pick])
+        panels.append((f"layer{layer + 1} ({feats.shape[1]} channels, {feats.shape[-1]}x"
+                       f"{feats.shape[-2]})", xy, flags))
+    return panels

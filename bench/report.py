@@ -28,6 +28,13 @@ no value, or an average over fewer categories than its table has, takes no part 
 
 Where the paper has a cell (MVTec AD at 0.1, VisA at 0.05), each table file also holds the
 paper's values in the same layout and the per-cell delta (ours - paper).
+
+Uncertainty (docs/report.md): every cell of a run with a ``scores.npz`` gets a 95 % bootstrap
+interval over test images (:mod:`bench.uncertainty`), each Δ cell a mark saying whether the
+paper's value lies inside it, and every setting ``paired_<setting>`` (each method against the
+references, RD and CDD by paper name) and ``friedman_<setting>`` tables
+(:mod:`bench.comparisons`). Runs on the toy categories of appendix A.2 (:mod:`bench.toy`) get
+their own table and figure.
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ from bench.records import (
     write_bytes_atomic,
 )
 from bench.spec import same_teacher_name
-from bench.stats import Stat
+from bench.stats import Interval, Stat
+from bench.uncertainty import DEFAULT_REPLICATES, LEVEL, interval, mean_deviations
 
 REPORT_DIR = "report"
 PRO_VARIANTS = ("pro_rd4ad", "aupro")
@@ -137,6 +145,9 @@ class Run:
     metrics: dict[str, dict[str, float | None]]
     record: dict
     error: str = ""
+    # Bootstrap deviations over test images per (protocol, metric), (B,) arrays: replicate
+    # minus the value on the stored arrays (bench.uncertainty); empty without scores.npz.
+    deviations: dict = field(default_factory=dict)
 
     def value(self, protocol: str, metric: str) -> float | None:
         value = (self.metrics.get(protocol) or {}).get(metric)
@@ -252,6 +263,11 @@ def stat_of(values: Iterable[float | None]) -> Stat | None:
 class Cell:
     stats: tuple[Stat | None, ...]  # one per metric of the grid
     partial: bool = False  # an average over fewer categories than the table has
+    # 95 % bootstrap intervals over test images, one per metric (None: not available)
+    intervals: tuple[Interval | None, ...] | None = None
+
+    def interval(self, m: int) -> Interval | None:
+        return self.intervals[m] if self.intervals else None
 
 
 @dataclass
@@ -364,8 +380,9 @@ def grid_markdown(grid: Grid) -> str:
     return "\n".join(lines) + "\n"
 
 
-def values_markdown(grid: Grid, values: dict, signed: bool) -> str:
-    """A grid-shaped Markdown table of plain numbers (paper values or deltas)."""
+def values_markdown(grid: Grid, values: dict, signed: bool, marks: dict | None = None) -> str:
+    """A grid-shaped Markdown table of plain numbers (paper values or deltas); ``marks`` maps
+    a cell to one suffix per metric (the Δ tables' noise marks)."""
     lines = ["| " + " | ".join([grid.row_header, *_column_titles(grid)]) + " |",
              "|" + "|".join(["---"] + [":-:"] * len(_column_titles(grid))) + "|"]
     for row in grid.rows:
@@ -373,12 +390,96 @@ def values_markdown(grid: Grid, values: dict, signed: bool) -> str:
         for group, cols in grid.groups:
             for col in cols:
                 vals = values.get((row, group, col)) or (None,) * len(grid.metrics)
+                suffixes = (marks or {}).get((row, group, col)) or ("",) * len(vals)
                 out.append(" / ".join(
                     MISSING if v is None else (f"{v:+.{grid.decimals}f}" if signed
-                                               else _fmt(v, grid.decimals))
-                    for v in vals))
+                                               else _fmt(v, grid.decimals)) + suffix
+                    for v, suffix in zip(vals, suffixes)))
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Noise marks of the Δ tables: the paper's value against our 95 % interval over test images.
+OUTSIDE_MARK = "†"  # outside: the gap is more than another test sample would explain
+NO_INTERVAL_MARK = "?"  # this cell has no interval (its runs have no usable scores.npz)
+
+
+def has_intervals(grid: Grid) -> bool:
+    return any(c.intervals and any(ci is not None for ci in c.intervals)
+               for c in grid.cells.values())
+
+
+def paper_outside(grid: Grid) -> dict[tuple[str, str, str], tuple[bool | None, ...]]:
+    """Per cell and metric with a paper value: True when the paper's value lies outside our
+    interval even allowing for its rounding (half a unit of the printed last digit), False
+    when inside, None without an interval."""
+    slack = 0.5 * 10 ** -grid.decimals
+    out = {}
+    for key in grid.keys():
+        paper = grid.paper.get(key)
+        if paper is None:
+            continue
+        cell = grid.cell(key)
+        verdicts = []
+        for m, p in enumerate(paper):
+            ci = cell.interval(m)
+            if p is None or ci is None or cell.stats[m] is None:
+                verdicts.append(None)
+            else:
+                verdicts.append(p + slack < ci.low or p - slack > ci.high)
+        out[key] = tuple(verdicts)
+    return out
+
+
+def delta_marks(grid: Grid) -> dict[tuple[str, str, str], tuple[str, ...]]:
+    """Suffixes for the Δ cells: ``†`` outside the interval, ``?`` no interval, none inside;
+    no marks at all when the grid has no interval anywhere."""
+    if not has_intervals(grid):
+        return {}
+    outside = paper_outside(grid)
+    deltas = grid_deltas(grid)
+    marks = {}
+    for key, verdicts in outside.items():
+        marks[key] = tuple(
+            "" if d is None else (OUTSIDE_MARK if v else "" if v is False else NO_INTERVAL_MARK)
+            for v, d in zip(verdicts, deltas.get(key, (None,) * len(verdicts))))
+    return marks
+
+
+def _fmt_interval(ci: Interval | None, decimals: int) -> str:
+    return MISSING if ci is None else f"[{_fmt(ci.low, decimals)}, {_fmt(ci.high, decimals)}]"
+
+
+def _seed_suffix(cell: Cell) -> str:
+    """``(3 seeds)`` for a cell over several seeds."""
+    n = max((s.n for s in cell.stats if s is not None), default=0)
+    return f" ({n} seeds)" if n > 1 else ""
+
+
+def intervals_markdown(grid: Grid) -> str:
+    """The grid's 95 % intervals in its layout, with the number of seeds where > 1."""
+    lines = ["| " + " | ".join([grid.row_header, *_column_titles(grid)]) + " |",
+             "|" + "|".join(["---"] + [":-:"] * len(_column_titles(grid))) + "|"]
+    for row in grid.rows:
+        out = [f"**{row}**" if row == AVERAGE else row]
+        for group, cols in grid.groups:
+            for col in cols:
+                cell = grid.cell((row, group, col))
+                text = " / ".join(_fmt_interval(cell.interval(m), grid.decimals)
+                                  for m in range(len(grid.metrics)))
+                if any(s is not None for s in cell.stats):
+                    text += _seed_suffix(cell)
+                out.append(text)
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def interval_caption(level: float = LEVEL) -> str:
+    return (f"{level * 100:g} % bootstrap interval over test images (percentile, stratified "
+            "by label, regions resampled with their image; a cell over several seeds: the "
+            "interval of the seed mean; `—`: no scores.npz to resample). It says how far the "
+            "number could move with another test sample, not with another training seed "
+            "(that is the ± std).")
 
 
 def grid_deltas(grid: Grid) -> dict[tuple[str, str, str], tuple[float | None, ...]]:
@@ -398,18 +499,21 @@ def grid_deltas(grid: Grid) -> dict[tuple[str, str, str], tuple[float | None, ..
 _LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
                   "^": r"\textasciicircum{}", "±": r"$\pm$", "—": "--", "−": "-",
-                  "Δ": r"$\Delta$"}
+                  "Δ": r"$\Delta$", "χ": r"$\chi$", "²": r"$^2$", "α": r"$\alpha$",
+                  "–": "--", "†": r"$^\dagger$", "∞": r"$\infty$"}
 
 
 def _tex(text: str) -> str:
     return "".join(_LATEX_ESCAPES.get(c, c) for c in str(text))
 
 
-def grid_latex(grid: Grid) -> str:
-    """The grid as a booktabs LaTeX table (bold best, underlined second)."""
-    marks = compute_marks(grid)
+def grid_latex(grid: Grid, cell_text=None, caption: str | None = None) -> str:
+    """The grid as a booktabs LaTeX table (bold best, underlined second); ``cell_text(key)``
+    replaces the cells' own text (then nothing is marked)."""
+    marks = compute_marks(grid) if cell_text is None else {}
     ncols = sum(len(cols) for _, cols in grid.groups)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(grid.caption)}}}",
+    caption = grid.caption if caption is None else caption
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}",
              r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{l{'c' * ncols}}}", r"\toprule"]
     if len(grid.groups) > 1 or grid.groups[0][0]:
         head, rules, start = [""], [], 2
@@ -428,6 +532,9 @@ def grid_latex(grid: Grid) -> str:
         out = [_tex(row)]
         for group, cs in grid.groups:
             for col in cs:
+                if cell_text is not None:
+                    out.append(cell_text((row, group, col)))
+                    continue
                 cell = grid.cell((row, group, col))
                 parts = []
                 for m, stat in enumerate(cell.stats):
@@ -455,13 +562,17 @@ def grid_csv(grid: Grid, setting: Setting) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["table", "dataset", "noise_ratio", "image_size", "teacher_weights", "row",
                      "group", "column", "metric", "mean", "std", "n", "partial", "mark",
-                     "paper", "delta"])
+                     "paper", "delta", "ci_low", "ci_high", "ci_level", "ci_replicates",
+                     "paper_in_ci"])
+    outside = paper_outside(grid)
     for key in grid.keys():
         cell = grid.cell(key)
         paper = grid.paper.get(key) or (None,) * len(grid.metrics)
         delta = deltas.get(key) or (None,) * len(grid.metrics)
+        verdicts = outside.get(key) or (None,) * len(grid.metrics)
         for m, metric in enumerate(grid.metrics):
             stat = cell.stats[m]
+            ci = cell.interval(m)
             writer.writerow([
                 grid.stem, setting.dataset, f"{setting.noise_ratio:g}", setting.image_size,
                 setting.teacher_weights, key[0], key[1], key[2], metric,
@@ -470,6 +581,9 @@ def grid_csv(grid: Grid, setting: Setting) -> str:
                 0 if stat is None else stat.n, int(cell.partial), marks.get((*key, m), ""),
                 "" if paper[m] is None else repr(paper[m]),
                 "" if delta[m] is None else repr(delta[m]),
+                "" if ci is None else repr(ci.low), "" if ci is None else repr(ci.high),
+                "" if ci is None else repr(ci.level), "" if ci is None else ci.replicates,
+                "" if verdicts[m] is None else ("no" if verdicts[m] else "yes"),
             ])
     return buf.getvalue()
 
@@ -483,9 +597,18 @@ def grid_document(grid: Grid) -> str:
                      "not ranked.")
     if notes:
         parts.append("\n".join(f"- {n}" for n in notes) + "\n")
+    intervals = has_intervals(grid)
+    if intervals:
+        parts += [f"### {LEVEL * 100:g} % interval over test images\n",
+                  interval_caption() + "\n", intervals_markdown(grid)]
     if any(any(v is not None for v in vals) for vals in grid.paper.values()):
         parts += ["### Paper\n", values_markdown(grid, grid.paper, signed=False),
-                  "### Δ (ours − paper)\n", values_markdown(grid, grid_deltas(grid), signed=True)]
+                  "### Δ (ours − paper)\n",
+                  values_markdown(grid, grid_deltas(grid), signed=True, marks=delta_marks(grid))]
+        if intervals:
+            parts.append(f"{OUTSIDE_MARK} the paper's value lies outside our interval (allowing "
+                         f"for its rounding): more than another test sample would explain; "
+                         f"unmarked: inside the noise; {NO_INTERVAL_MARK} no interval.\n")
     return "\n".join(parts)
 
 
@@ -527,8 +650,12 @@ def _columns(labels: list[str]) -> list[str]:
 class _Cube:
     """Values indexed by (label, category, protocol, metric) -> {seed: value}."""
 
-    def __init__(self, runs: list[Run], metrics: tuple[str, ...]):
+    def __init__(self, runs: list[Run], metrics: tuple[str, ...], level: float = LEVEL):
+        self.level = level
         self.values: dict[tuple[str, str, str, str], dict[tuple[int, int], float]] = (
+            defaultdict(dict))
+        # The same keys -> {seed: bootstrap deviations (B,) or None}.
+        self.deviations: dict[tuple[str, str, str, str], dict[tuple[int, int], object]] = (
             defaultdict(dict))
         for run in runs:
             if not run.complete:
@@ -537,7 +664,9 @@ class _Cube:
                 for metric in metrics:
                     value = run.value(protocol, metric)
                     if value is not None:
-                        self.values[(run.label, run.category, protocol, metric)][run.seed] = value
+                        key = (run.label, run.category, protocol, metric)
+                        self.values[key][run.seed] = value
+                        self.deviations[key][run.seed] = run.deviations.get((protocol, metric))
 
     def stat(self, label, category, protocol, metric) -> Stat | None:
         return stat_of(self.values.get((label, category, protocol, metric), {}).values())
@@ -558,6 +687,27 @@ class _Cube:
         means = [statistics.fmean(v.values()) for v in present.values()]
         n = min(len(v) for v in present.values())
         return Stat(statistics.fmean(means), None, n), partial
+
+    def cell_deviations(self, label, category, protocol, metric):
+        """Bootstrap deviations of a cell's mean over seeds; None unless every seed has them."""
+        per_seed = self.deviations.get((label, category, protocol, metric), {})
+        return mean_deviations(per_seed.values()) if per_seed else None
+
+    def average_deviations(self, label, categories, protocol, metric):
+        """Deviations of the average over the categories that have a value."""
+        present = [c for c in categories if self.values.get((label, c, protocol, metric))]
+        return mean_deviations(self.cell_deviations(label, c, protocol, metric)
+                               for c in present)
+
+    def interval(self, label, category, protocol, metric) -> Interval | None:
+        stat = self.stat(label, category, protocol, metric)
+        dev = self.cell_deviations(label, category, protocol, metric)
+        return None if stat is None or dev is None else interval(stat.mean, dev, self.level)
+
+    def average_interval(self, label, categories, protocol, metric,
+                         stat: Stat | None) -> Interval | None:
+        dev = self.average_deviations(label, categories, protocol, metric)
+        return None if stat is None or dev is None else interval(stat.mean, dev, self.level)
 
 
 def _paper_tables(setting: Setting, protocol: str, metric: str, kind: str) -> tuple[str, ...]:
@@ -588,6 +738,7 @@ class _SettingTables:
     categories: list[str]
     cube: _Cube
     averages: dict[tuple[str, str, str], tuple[Stat | None, bool]]
+    average_intervals: dict[tuple[str, str, str], Interval | None]
     pro_text: str
     seed_text: str
     coverage: str
@@ -602,9 +753,13 @@ class _SettingTables:
         seeds = sorted({r.seed for r in runs if r.complete})
         averages = {(label, protocol, metric): cube.average(label, categories, protocol, metric)
                     for label in labels for protocol in PROTOCOLS for metric in metrics}
+        average_intervals = {key: cube.average_interval(key[0], categories, key[1], key[2],
+                                                        stat)
+                             for key, (stat, _) in averages.items()}
         return cls(
             setting=setting, metrics=metrics, labels=labels, columns=_columns(labels),
             categories=categories, cube=cube, averages=averages,
+            average_intervals=average_intervals,
             pro_text=f"PRO = {PRO_DESCRIPTIONS[pro]}.",
             seed_text=(f"Mean ± std over seeds (split_seed, train_seed) {seeds}."
                        if len(seeds) > 1 else ""),
@@ -613,6 +768,16 @@ class _SettingTables:
     @property
     def notes(self) -> list[str]:
         return [self.coverage] if self.coverage else []
+
+    def cell(self, label: str, category: str, protocol: str, metrics) -> Cell:
+        """One category's cell (or the Average row's) with its intervals."""
+        if category == AVERAGE:
+            avg = [self.averages[(label, protocol, m)] for m in metrics]
+            return Cell(tuple(a[0] for a in avg), any(a[1] for a in avg),
+                        tuple(self.average_intervals[(label, protocol, m)] for m in metrics))
+        return Cell(tuple(self.cube.stat(label, category, protocol, m) for m in metrics),
+                    intervals=tuple(self.cube.interval(label, category, protocol, m)
+                                    for m in metrics))
 
     def paper_cell(self, kind: str, category: str, label: str, protocol: str,
                    metric_list) -> tuple[float | None, ...] | None:
@@ -633,7 +798,10 @@ class _SettingTables:
 def build_setting_grids(setting: Setting, runs: list[Run], pro: str,
                         paper: PaperLookup) -> list[Grid]:
     """Main (per protocol), summary and per-metric tables of one setting."""
-    tables = _SettingTables.of(setting, runs, pro, paper)
+    return _setting_grids(_SettingTables.of(setting, runs, pro, paper))
+
+
+def _setting_grids(tables: _SettingTables) -> list[Grid]:
     return [*(_main_grid(tables, protocol) for protocol in PROTOCOLS), _summary_grid(tables),
             *(_per_metric_grid(tables, metric) for metric in tables.metrics)]
 
@@ -642,11 +810,8 @@ def _main_grid(t: _SettingTables, protocol: str) -> Grid:
     """Tables 1 and 2-like: categories x methods, I-AUC / P-AUC / PRO cells, for a protocol."""
     cells, paper_cells = {}, {}
     for label, col in zip(t.labels, t.columns):
-        for cat in t.categories:
-            cells[(cat, "", col)] = Cell(tuple(t.cube.stat(label, cat, protocol, m)
-                                               for m in t.metrics))
-        avg = [t.averages[(label, protocol, m)] for m in t.metrics]
-        cells[(AVERAGE, "", col)] = Cell(tuple(a[0] for a in avg), any(a[1] for a in avg))
+        for cat in [*t.categories, AVERAGE]:
+            cells[(cat, "", col)] = t.cell(label, cat, protocol, t.metrics)
         for cat in [*t.categories, AVERAGE]:
             pc = t.paper_cell("main", cat, label, protocol, t.metrics)
             if pc:
@@ -670,8 +835,7 @@ def _summary_grid(t: _SettingTables) -> Grid:
             row = f"{PROTOCOL_TITLES[protocol]} {METRIC_TITLES[metric]}"
             rows.append(row)
             for label, col in zip(t.labels, t.columns):
-                stat, partial = t.averages[(label, protocol, metric)]
-                cells[(row, "", col)] = Cell((stat,), partial)
+                cells[(row, "", col)] = t.cell(label, AVERAGE, protocol, (metric,))
                 pc = t.paper_cell("summary", AVERAGE, label, protocol, (metric,))
                 if pc:
                     paper_cells[(row, "", col)] = pc
@@ -691,10 +855,8 @@ def _per_metric_grid(t: _SettingTables, metric: str) -> Grid:
     for protocol in PROTOCOLS:
         group = PROTOCOL_TITLES[protocol]
         for label, col in zip(t.labels, t.columns):
-            for cat in t.categories:
-                cells[(cat, group, col)] = Cell((t.cube.stat(label, cat, protocol, metric),))
-            stat, partial = t.averages[(label, protocol, metric)]
-            cells[(AVERAGE, group, col)] = Cell((stat,), partial)
+            for cat in [*t.categories, AVERAGE]:
+                cells[(cat, group, col)] = t.cell(label, cat, protocol, (metric,))
             for cat in [*t.categories, AVERAGE]:
                 pc = t.paper_cell("per_metric", cat, label, protocol, (metric,))
                 if pc:
@@ -753,15 +915,22 @@ def build_ablation_grids(setting: Setting, runs: list[Run], pro: str,
             shown = paper_row or _facts(base).description or label
             row = f"{shown} ({label})" if shown != label else label
             rows.append(row)
-            stats = []
+            stats, intervals, deviations = [], [], []
             partial = False
             for metric in metrics:
                 stat, part = cube.average(label, categories, protocol, metric)
                 stats.append(stat)
+                intervals.append(cube.average_interval(label, categories, protocol, metric,
+                                                       stat))
+                deviations.append(cube.average_deviations(label, categories, protocol, metric))
                 partial |= part
-            stats.append(_mean_of_metrics(cube, label, categories, protocol, metrics))
-            for col, stat in zip(cols, stats):
-                cells[(row, "", col)] = Cell((stat,), partial)
+            average = _mean_of_metrics(cube, label, categories, protocol, metrics)
+            stats.append(average)
+            combined = mean_deviations(deviations)
+            intervals.append(None if average is None or combined is None
+                             else interval(average.mean, combined, cube.level))
+            for col, stat, ci in zip(cols, stats, intervals):
+                cells[(row, "", col)] = Cell((stat,), partial, (ci,))
             if (paper_row and setting.has_paper_values and setting.dataset == "mvtec"
                     and _covers_paper(setting, categories)):
                 for col, metric in zip(cols, [*metrics, "average"]):
@@ -801,6 +970,314 @@ def _mean_of_metrics(cube: _Cube, label, categories, protocol, metrics) -> Stat 
     if any(s is None for s in stats):
         return None
     return Stat(statistics.fmean(s.mean for s in stats), None, min(s.n for s in stats))
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty: bootstrap over test images, paired comparisons, the Friedman test.
+
+
+@dataclass
+class BootstrapSummary:
+    """What the bootstrap of a report did, for the index."""
+
+    replicates: int
+    seed: int
+    runs: int = 0  # complete runs resampled
+    without_scores: list[str] = field(default_factory=list)  # runs without usable arrays
+    full_resolution: int = 0  # runs whose pixel statistics are the record's own
+    # metric -> stored-map value minus record value, per run without full-resolution arrays
+    shifts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    missing: set[str] = field(default_factory=set)  # what the arrays did not allow, why
+    seconds: float = 0.0
+
+
+def bootstrap_runs(runs: list[Run], scores_path, metrics: tuple[str, ...], replicates: int,
+                   seed: int = 0) -> BootstrapSummary:
+    """Attach bootstrap deviations (``Run.deviations``) to every complete run with a
+    ``scores.npz``; the summary says how many, and how far the stored maps are from the
+    record (pixel metrics)."""
+    import time
+
+    from bench.figures import load_scores
+    from bench.uncertainty import bootstrap_run, run_statistics
+
+    summary = BootstrapSummary(replicates, seed)
+    if replicates <= 0:
+        return summary
+    started = time.perf_counter()
+    for run in runs:
+        if not run.complete:
+            continue
+        arrays = load_scores(scores_path(run))
+        stats = None if arrays is None else run_statistics(arrays, metrics)
+        if stats is None:
+            summary.without_scores.append(f"{run.setting.title} {run.category} {run.label}")
+            continue
+        summary.runs += 1
+        summary.full_resolution += stats.full_resolution
+        summary.missing.update(stats.missing)
+        for (protocol, metric), rep in bootstrap_run(stats, metrics, replicates, seed).items():
+            run.deviations[(protocol, metric)] = rep.deviations
+            recorded = run.value(protocol, metric)
+            pixel = metric != "i_auroc" and (metric == "aupro" or not stats.full_resolution)
+            if recorded is not None and pixel:
+                summary.shifts[metric].append(rep.value - recorded)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def reference_labels(t: _SettingTables, references: Iterable[str]) -> list[tuple[str, str]]:
+    """(reference name, label) for each reference present: the first column (paper order)
+    whose method's paper name is the name, else whose title is."""
+    out = []
+    for name in references:
+        found = [lb for lb in t.labels if _facts(lb).paper_name == name] or [
+            lb for lb, col in zip(t.labels, t.columns) if col == name]
+        if found:
+            out.append((name, found[0]))
+    return out
+
+
+def paired_comparisons(t: _SettingTables, references: Iterable[str]) -> list[dict]:
+    """Every method against every reference present: one row per (protocol, metric)."""
+    from bench.comparisons import paired_difference
+
+    rows = []
+    title = dict(zip(t.labels, t.columns))
+    done = []  # a pair of references is shown once, against the first of them
+    for name, ref in reference_labels(t, references):
+        done.append(ref)
+        for label in t.labels:
+            if label in done:
+                continue
+            for protocol in PROTOCOLS:
+                for metric in t.metrics:
+                    values, ref_values, dev, ref_dev = {}, {}, {}, {}
+                    for cat in t.categories:
+                        for lb, vals, devs in ((label, values, dev), (ref, ref_values, ref_dev)):
+                            stat = t.cube.stat(lb, cat, protocol, metric)
+                            if stat is not None:
+                                vals[cat] = stat.mean
+                                devs[cat] = t.cube.cell_deviations(lb, cat, protocol, metric)
+                    result = paired_difference(label, ref, values, ref_values, dev, ref_dev,
+                                               t.cube.level)
+                    if result is not None:
+                        rows.append({"reference": name, "reference_column": title[ref],
+                                     "column": title[label], "protocol": protocol,
+                                     "metric": metric, "result": result})
+    return rows
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def _paired_ci(ci) -> str:
+    return MISSING if ci is None else f"[{_signed(ci[0])}, {_signed(ci[1])}]"
+
+
+def _paired_cells(row: dict) -> dict[str, str]:
+    r = row["result"]
+    test = None if r.test_interval is None else (r.test_interval.low, r.test_interval.high)
+    inside = r.inside_noise
+    return {"delta": _signed(r.mean), "test_ci": _paired_ci(test),
+            "noise": MISSING if inside is None else ("inside" if inside else "beyond"),
+            "category_ci": _paired_ci(r.category_interval),
+            "wtl": f"{r.wins}/{r.ties}/{r.losses}", "n": str(len(r.categories))}
+
+
+PAIRED_HEADER = ("Method", "Protocol", "Metric", "Δ mean", "95 % CI, test images", "noise",
+                 "95 % CI, categories", "W/T/L", "categories")
+
+
+def paired_summary_markdown(rows: list[dict], protocol: str, reference: str,
+                            metrics: tuple[str, ...]) -> str:
+    """A compact table for report.md: methods x metrics, ``Δ [CI]``, bold beyond the noise."""
+    mine = [r for r in rows if r["reference"] == reference and r["protocol"] == protocol]
+    columns = list(dict.fromkeys(r["column"] for r in mine))
+    if not columns:
+        return ""
+    lines = ["| " + " | ".join(["Method", *(METRIC_TITLES[m] for m in metrics)]) + " |",
+             "|" + "|".join(["---"] + [":-:"] * len(metrics)) + "|"]
+    for column in columns:
+        cells = []
+        for metric in metrics:
+            row = next((r for r in mine if r["column"] == column and r["metric"] == metric), None)
+            if row is None:
+                cells.append(MISSING)
+                continue
+            c = _paired_cells(row)
+            text = f"{c['delta']} {c['test_ci']}"
+            cells.append(f"**{text}**" if c["noise"] == "beyond" else text)
+        lines.append("| " + " | ".join([f"{column} − {mine[0]['reference_column']}", *cells])
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+PAIRED_EXPLANATION = (
+    "Δ mean = mean over categories of (method − reference), each category's value the mean "
+    "over its seeds. The test-image interval is the paired bootstrap (both methods resampled "
+    "alike); *inside* the noise when it holds 0, *beyond* (bold in report.md) when it does not. "
+    "The category interval (Student t) asks how the mean would move with other categories; "
+    "W/T/L counts categories won, tied and lost at 3 decimals.")
+
+
+def paired_document(setting: Setting, rows: list[dict]) -> str:
+    lines = [f"## Paired differences against the references: {setting.title}", "",
+             PAIRED_EXPLANATION, ""]
+    for reference in dict.fromkeys(r["reference"] for r in rows):
+        mine = [r for r in rows if r["reference"] == reference]
+        lines += [f"### Against {mine[0]['reference_column']}", "",
+                  "| " + " | ".join(PAIRED_HEADER) + " |",
+                  "|" + "|".join(["---"] * 3 + [":-:"] * 6) + "|"]
+        for row in mine:
+            c = _paired_cells(row)
+            lines.append("| " + " | ".join([
+                row["column"], PROTOCOL_TITLES[row["protocol"]], METRIC_TITLES[row["metric"]],
+                c["delta"], c["test_ci"], c["noise"], c["category_ci"], c["wtl"], c["n"]]) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def paired_latex(setting: Setting, rows: list[dict]) -> str:
+    out = []
+    for reference in dict.fromkeys(r["reference"] for r in rows):
+        mine = [r for r in rows if r["reference"] == reference]
+        caption = (f"Paired differences against {mine[0]['reference_column']} on "
+                   f"{setting.title}. {PAIRED_EXPLANATION}")
+        lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(caption)}}}",
+                 r"\resizebox{\linewidth}{!}{%", r"\begin{tabular}{lll" + "c" * 6 + "}",
+                 r"\toprule", " & ".join(_tex(h) for h in PAIRED_HEADER) + r" \\", r"\midrule"]
+        for row in mine:
+            c = _paired_cells(row)
+            lines.append(" & ".join(_tex(v) for v in (
+                row["column"], PROTOCOL_TITLES[row["protocol"]], METRIC_TITLES[row["metric"]],
+                c["delta"], c["test_ci"], c["noise"], c["category_ci"], c["wtl"], c["n"]))
+                + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+        out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+def paired_csv(setting: Setting, rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["dataset", "noise_ratio", "image_size", "teacher_weights", "reference",
+                     "reference_column", "column", "protocol", "metric", "delta_mean",
+                     "test_ci_low", "test_ci_high", "inside_noise", "category_ci_low",
+                     "category_ci_high", "wins", "ties", "losses", "categories"])
+    for row in rows:
+        r = row["result"]
+        ti, ci = r.test_interval, r.category_interval
+        writer.writerow([
+            setting.dataset, f"{setting.noise_ratio:g}", setting.image_size,
+            setting.teacher_weights, row["reference"], row["reference_column"], row["column"],
+            row["protocol"], row["metric"], repr(r.mean),
+            "" if ti is None else repr(ti.low), "" if ti is None else repr(ti.high),
+            "" if r.inside_noise is None else ("yes" if r.inside_noise else "no"),
+            "" if ci is None else repr(ci[0]), "" if ci is None else repr(ci[1]),
+            r.wins, r.ties, r.losses, " ".join(r.categories)])
+    return buf.getvalue()
+
+
+def friedman_tests(t: _SettingTables) -> dict[tuple[str, str], object]:
+    """(protocol, metric) -> :class:`bench.comparisons.Friedman` over the categories where
+    every method has a value; absent with fewer than 2 methods or categories."""
+    import numpy as np
+
+    from bench.comparisons import friedman
+
+    out = {}
+    for protocol in PROTOCOLS:
+        for metric in t.metrics:
+            rows, cats = [], []
+            for cat in t.categories:
+                stats = [t.cube.stat(lb, cat, protocol, metric) for lb in t.labels]
+                if all(s is not None for s in stats):
+                    rows.append([s.mean for s in stats])
+                    cats.append(cat)
+            if rows:
+                result = friedman(np.asarray(rows), t.columns, cats)
+                if result is not None:
+                    out[(protocol, metric)] = result
+    return out
+
+
+FRIEDMAN_EXPLANATION = (
+    "Friedman test over categories (blocks: categories where every method has a value; ranks "
+    "1 = best, ties averaged; chi-square tie-corrected, with Iman–Davenport's F). Nemenyi's "
+    "critical difference CD at α = 0.05: two methods whose average ranks differ by more than "
+    "CD differ significantly (Demšar 2006); see the critical-difference diagram.")
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return MISSING
+    if value == 0:
+        return "0"
+    return f"{value:.3g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def _statistic(value: float) -> str:
+    """A test statistic: ``∞`` for a perfect agreement of the ranks (Iman-Davenport's F)."""
+    if math.isnan(value):
+        return MISSING
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def friedman_rows(tests: dict) -> tuple[list[str], list[list[str]]]:
+    columns = list(next(iter(tests.values())).methods)
+    header = ["Protocol", "Metric", "N", "χ²_F", "p", "F_ID", "p (F)", "CD",
+              *(f"rank {c}" for c in columns)]
+    body = []
+    for (protocol, metric), f in tests.items():
+        body.append([PROTOCOL_TITLES[protocol], METRIC_TITLES[metric], str(len(f.categories)),
+                     _statistic(f.statistic),
+                     _p(f.p_value),
+                     _statistic(f.iman_davenport),
+                     _p(f.iman_davenport_p), f"{f.critical_difference:.2f}",
+                     *(f"{r:.2f}" for r in f.average_ranks)])
+    return header, body
+
+
+def friedman_markdown(tests: dict) -> str:
+    header, body = friedman_rows(tests)
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---", "---"] + [":-:"] * (len(header) - 2)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines) + "\n"
+
+
+def friedman_document(setting: Setting, tests: dict) -> str:
+    return "\n".join([f"## Friedman test and critical difference: {setting.title}", "",
+                      FRIEDMAN_EXPLANATION, "", friedman_markdown(tests)])
+
+
+def friedman_latex(setting: Setting, tests: dict) -> str:
+    header, body = friedman_rows(tests)
+    lines = [r"\begin{table}[t]", r"\centering",
+             rf"\caption{{{_tex(f'Friedman test on {setting.title}. ' + FRIEDMAN_EXPLANATION)}}}",
+             r"\resizebox{\linewidth}{!}{%", r"\begin{tabular}{ll" + "c" * (len(header) - 2) + "}",
+             r"\toprule", " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(v) for v in row) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def friedman_csv(setting: Setting, tests: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["dataset", "noise_ratio", "image_size", "teacher_weights", "protocol",
+                     "metric", "categories", "methods", "chi2", "p", "iman_davenport",
+                     "iman_davenport_p", "cd", "alpha", "average_ranks"])
+    for (protocol, metric), f in tests.items():
+        writer.writerow([setting.dataset, f"{setting.noise_ratio:g}", setting.image_size,
+                         setting.teacher_weights, protocol, metric, " ".join(f.categories),
+                         " | ".join(f.methods), repr(f.statistic), repr(f.p_value),
+                         repr(f.iman_davenport), repr(f.iman_davenport_p),
+                         repr(f.critical_difference), f.alpha,
+                         " | ".join(repr(r) for r in f.average_ranks)])
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------------
@@ -921,12 +1398,30 @@ def _link(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix()
 
 
+DEFAULT_REFERENCES = ("RD", "CDD")  # paired comparisons: paper names of the reference methods
+
+
 def render_report(results_dir: str | Path, out_dir: str | Path | None = None, *,
-                  pro: str = "pro_rd4ad", figures: bool = True) -> Path:
-    """Render every table and figure the records allow; returns the path of ``report.md``."""
+                  pro: str = "pro_rd4ad", figures: bool = True,
+                  bootstrap: int = DEFAULT_REPLICATES, bootstrap_seed: int = 0,
+                  references: Iterable[str] = DEFAULT_REFERENCES, tsne: bool = False,
+                  data_root: str | None = None, tsne_categories: Iterable[str] | None = None,
+                  tsne_points: int | None = None, device: str = "cpu") -> Path:
+    """Render every table and figure the records allow; returns the path of ``report.md``.
+
+    ``bootstrap`` replicates per run give the 95 % intervals over test images (0: none);
+    ``references`` are the paper names the paired comparisons take as references; ``tsne``
+    draws Fig. A1 from the teacher and the data (``data_root`` overrides the records' root).
+    """
     results_dir = Path(results_dir)
     if pro not in PRO_VARIANTS:
         raise UserError(f"unknown PRO variant {pro!r}; use one of {', '.join(PRO_VARIANTS)}")
+    for name, value in (("bootstrap", bootstrap), ("bootstrap seed", bootstrap_seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+    if tsne_points is not None and (isinstance(tsne_points, bool)
+                                    or not isinstance(tsne_points, int) or tsne_points < 10):
+        raise UserError(f"t-SNE points must be an integer >= 10, got {tsne_points!r}")
     if not results_dir.is_dir():
         raise UserError(f"results folder {results_dir} does not exist; pass the folder that "
                         f"`run_benchmark.py run` wrote (it holds runs/)")
@@ -937,53 +1432,157 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, *,
     out = Path(out_dir) if out_dir is not None else results_dir / REPORT_DIR
     tables_dir, figures_dir = out / "tables", out / "figures"
     paper = PaperLookup()
+    references = tuple(references)
 
+    def scores_path(run: Run) -> Path:
+        return run_dir(results_dir, run.fingerprint) / "scores.npz"
+
+    if tsne and figures:
+        from bench.worker import resolve_device
+
+        device = resolve_device(device)
+    boot = bootstrap_runs(runs, scores_path, ("i_auroc", "p_auroc", pro), bootstrap,
+                          bootstrap_seed)
     by_setting: dict[Setting, list[Run]] = defaultdict(list)
     for run in runs:
         by_setting[run.setting].append(run)
     settings = sorted(by_setting, key=lambda s: s.order)
     table_links: list[tuple[Setting, Grid]] = []
+    comparisons: list[tuple[Setting, _SettingTables, list[dict], dict]] = []
+    summaries = []
+    written: set[Path] = set()
+
+    def write(path: Path, text: str) -> None:
+        _write_text(path, text)
+        written.add(path)
+
     for setting in settings:
         sruns = by_setting[setting]
         main_runs = [r for r in sruns if ablation_table_of(r.method) is None]
         grids = []
         if main_runs:
-            grids += build_setting_grids(setting, main_runs, pro, paper)
+            tables = _SettingTables.of(setting, main_runs, pro, paper)
+            grids += _setting_grids(tables)
+            rows = paired_comparisons(tables, references)
+            tests = friedman_tests(tables)
+            comparisons.append((setting, tables, rows, tests))
+            summaries.append(_summary_of(tables, main_runs, tests, pro))
+            if rows:
+                stem = tables_dir / f"paired_{setting.slug}"
+                write(stem.parent / f"{stem.name}.md", paired_document(setting, rows))
+                write(stem.parent / f"{stem.name}.tex", paired_latex(setting, rows))
+                write(stem.parent / f"{stem.name}.csv", paired_csv(setting, rows))
+            if tests:
+                stem = tables_dir / f"friedman_{setting.slug}"
+                write(stem.parent / f"{stem.name}.md", friedman_document(setting, tests))
+                write(stem.parent / f"{stem.name}.tex", friedman_latex(setting, tests))
+                write(stem.parent / f"{stem.name}.csv", friedman_csv(setting, tests))
         grids += build_ablation_grids(setting, sruns, pro, paper)
         for grid in grids:
-            _write_text(tables_dir / f"{grid.stem}.md", grid_document(grid))
-            tex = grid_latex(grid)
-            if grid.paper:
-                delta_grid = _delta_grid(grid)
-                tex += "\n" + grid_latex(delta_grid)
-            _write_text(tables_dir / f"{grid.stem}.tex", tex)
-            _write_text(tables_dir / f"{grid.stem}.csv", grid_csv(grid, setting))
+            write(tables_dir / f"{grid.stem}.md", grid_document(grid))
+            write(tables_dir / f"{grid.stem}.tex", grid_tex(grid))
+            write(tables_dir / f"{grid.stem}.csv", grid_csv(grid, setting))
             table_links.append((setting, grid))
 
     figure_entries: list[tuple[str, Path]] = []
     figure_notes: list[str] = []
+    toy = _toy_outputs(runs, tables_dir, figures_dir if figures else None, scores_path,
+                       figure_entries, figure_notes, write)
     if figures:
         from bench import figures as figs
 
-        figure_entries, figure_notes = figs.render_figures(
-            runs, figures_dir, pro=pro, scores_path=lambda r: run_dir(
-                results_dir, r.fingerprint) / "scores.npz")
+        entries, notes = figs.render_figures(runs, figures_dir, pro=pro,
+                                             scores_path=scores_path, summaries=summaries)
+        figure_entries = entries + figure_entries
+        figure_notes = notes + figure_notes
+        if tsne:
+            figure_entries += figs.teacher_tsne(
+                runs, figures_dir, figure_notes, data_root=data_root,
+                categories=tsne_categories, points=tsne_points or figs.TSNE_POINTS,
+                device=device)
+        else:  # Fig. A1 of an earlier `report --tsne` stays: it needs the data to redraw
+            figure_entries += _kept_tsne(figures_dir)
 
     missing = missing_runs(runs)
     if missing:
-        _write_text(out / "missing_runs.csv", _missing_csv(missing))
+        write(out / "missing_runs.csv", _missing_csv(missing))
     index = _index(results_dir, out, runs, table_links, figure_entries, figure_notes, missing,
-                   pro)
+                   pro, boot=boot, comparisons=comparisons, toy=toy)
     path = out / "report.md"
     _write_text(path, index)
-    written = {tables_dir / f"{grid.stem}.{ext}" for _, grid in table_links
-               for ext in ("md", "tex", "csv")}
     written |= {stem.parent / f"{stem.name}.{ext}" for _, stem in figure_entries
                 for ext in ("png", "pdf")}
-    if missing:
-        written.add(out / "missing_runs.csv")
     _remove_stale(out, written, [tables_dir] + ([figures_dir] if figures else []))
     return path
+
+
+def _summary_of(t: _SettingTables, runs: list[Run], tests: dict, pro: str):
+    """The setting's summary for Fig. 1(b) and the CD diagrams."""
+    from bench.figures import MethodPoint, SettingSummary
+
+    fps: dict[str, list[float]] = defaultdict(list)
+    devices = set()
+    for run in runs:
+        if not run.complete:
+            continue
+        value = (run.record.get("timings") or {}).get("infer_images_per_s")
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            fps[run.label].append(float(value))
+            env = run.record.get("environment") or {}
+            devices.add(str(env.get("device_name") or env.get("device") or "unknown"))
+    points = {}
+    for protocol in PROTOCOLS:
+        points[protocol] = []
+        for label, col in zip(t.labels, t.columns):
+            (p_stat, p_part), (r_stat, r_part) = (t.averages[(label, protocol, "p_auroc")],
+                                                  t.averages[(label, protocol, pro)])
+            points[protocol].append(MethodPoint(
+                title=col, p_auroc=None if p_stat is None else p_stat.mean,
+                pro=None if r_stat is None else r_stat.mean,
+                p_interval=t.average_intervals[(label, protocol, "p_auroc")],
+                pro_interval=t.average_intervals[(label, protocol, pro)],
+                partial=p_part or r_part,
+                fps=statistics.fmean(fps[label]) if fps[label] else None))
+    return SettingSummary(t.setting, pro, points, tests, tuple(sorted(devices)))
+
+
+def _kept_tsne(figures_dir: Path) -> list[tuple[str, Path]]:
+    from bench.figures import TSNE_PREFIX
+
+    if not figures_dir.is_dir():
+        return []
+    return [(f"t-SNE of teacher features (Fig. A1-like), from an earlier rendering: "
+             f"{p.stem[len(TSNE_PREFIX):]}", p.with_suffix(""))
+            for p in sorted(figures_dir.glob(f"{TSNE_PREFIX}*.png"))
+            if p.with_suffix(".pdf").is_file()]
+
+
+def _toy_outputs(runs, tables_dir: Path, figures_dir: Path | None, scores_path, entries,
+                 notes, write) -> list[tuple[str, Path]]:
+    """The toy experiment's tables (and figures, when drawn): [(title, table stem)]."""
+    from bench import toy
+    from bench.figures import _slug, load_scores
+
+    loaded: dict[str, dict | None] = {}
+
+    def load(run):
+        if run.fingerprint not in loaded:
+            loaded[run.fingerprint] = load_scores(scores_path(run))
+        return loaded[run.fingerprint]
+
+    links = []
+    for group in toy.toy_groups(runs, notes):
+        title = f"{group.setting.title}, {group.category}"
+        rows = toy.toy_table(group, load)
+        if rows:
+            stem = tables_dir / f"toy_{group.setting.slug}_{_slug(group.category)}"
+            write(stem.parent / f"{stem.name}.md", toy.toy_markdown(title, rows))
+            write(stem.parent / f"{stem.name}.tex", toy.toy_latex(title, rows, _tex))
+            write(stem.parent / f"{stem.name}.csv", toy.toy_csv(group, rows))
+            links.append((title, stem))
+        if figures_dir is not None:
+            entries += toy.toy_figure(group, figures_dir, notes, load)
+    return links
 
 
 def _remove_stale(out: Path, keep: set[Path], folders: list[Path]) -> None:
@@ -1010,6 +1609,40 @@ def _delta_grid(grid: Grid) -> Grid:
                 decimals=grid.decimals, mark_axis="none")
 
 
+def grid_tex(grid: Grid) -> str:
+    """The ``.tex`` file of a table: ours, then the intervals (if any), then the Δ (if any),
+    each Δ cell outside our interval marked with a dagger."""
+    tex = grid_latex(grid)
+    if has_intervals(grid):
+        def interval_text(key):
+            cell = grid.cell(key)
+            text = " / ".join("--" if cell.interval(m) is None
+                              else _fmt_interval(cell.interval(m), grid.decimals)
+                              for m in range(len(grid.metrics)))
+            return _tex(text + (_seed_suffix(cell) if any(cell.stats) else ""))
+
+        tex += "\n" + grid_latex(grid, interval_text,
+                                 f"{grid.title}: {interval_caption()}")
+    if grid.paper:
+        delta_grid = _delta_grid(grid)
+        marks = delta_marks(grid)
+        if not marks:
+            return tex + "\n" + grid_latex(delta_grid)
+
+        def delta_text(key):
+            cell = delta_grid.cell(key)
+            suffixes = marks.get(key) or ("",) * len(grid.metrics)
+            return " / ".join(
+                "--" if stat is None else _fmt(stat.mean, grid.decimals)
+                + {OUTSIDE_MARK: r"$^\dagger$", NO_INTERVAL_MARK: "?"}.get(suffix, "")
+                for stat, suffix in zip(cell.stats, suffixes))
+
+        tex += "\n" + grid_latex(delta_grid, delta_text,
+                                 f"{delta_grid.caption} Dagger: the paper's value lies outside "
+                                 f"our {LEVEL * 100:g} % interval over test images.")
+    return tex
+
+
 def _missing_csv(missing: list[dict]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["setting", "category", "method", "status",
@@ -1021,7 +1654,8 @@ def _missing_csv(missing: list[dict]) -> str:
 
 def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Setting, Grid]],
            figures: list[tuple[str, Path]], figure_notes: list[str], missing: list[dict],
-           pro: str) -> str:
+           pro: str, boot: BootstrapSummary | None = None, comparisons=(),
+           toy=()) -> str:
     n_ok = sum(r.complete for r in runs)
     n_planned = sum(r.record.get("status") == PLANNED for r in runs)
     pending = f", {n_planned} planned by a sweep but not run" if n_planned else ""
@@ -1054,6 +1688,14 @@ def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Set
                      f"([LaTeX]({stem.as_posix()}.tex), [CSV]({stem.as_posix()}.csv))")
         if grid.kind in ("summary", "ablation"):
             lines += ["", grid_markdown(grid)]
+    lines += _uncertainty_lines(boot, tables)
+    lines += _comparison_lines(comparisons, pro)
+    if toy:
+        lines += ["", "## Toy experiment (appendix A.2)", "",
+                  "How the toy data and runs are read: docs/toy-experiment.md.", ""]
+        for title, stem in toy:
+            rel = _link(stem, out)
+            lines.append(f"- [{title}]({rel}.md) ([LaTeX]({rel}.tex), [CSV]({rel}.csv))")
     lines += ["", "## Figures", ""]
     if figures:
         for title, path in figures:
@@ -1081,5 +1723,85 @@ def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Set
               "- `a±b` = mean ± sample standard deviation over seeds; `—` = no complete run; "
               "`*` = average over fewer categories than the table has (not ranked).",
               "- Δ = ours − paper, per cell, where the paper has the cell "
-              "(MVTec AD at 0.1, VisA at 0.05).", ""]
+              "(MVTec AD at 0.1, VisA at 0.05).",
+              f"- `[lo, hi]` = {LEVEL * 100:g} % bootstrap interval over test images (see "
+              "Uncertainty); in a Δ table `†` = the paper's value lies outside it, `?` = no "
+              "interval, unmarked = inside the noise.", ""]
     return "\n".join(lines)
+
+
+def _uncertainty_lines(boot: BootstrapSummary | None, tables) -> list[str]:
+    """The index's account of the intervals and of each Δ against the noise."""
+    lines = ["", "## Uncertainty", ""]
+    if boot is None or boot.replicates == 0:
+        return lines + ["No bootstrap (`--bootstrap 0`): the tables carry no intervals."]
+    complete = boot.runs + len(boot.without_scores)
+    lines += [f"Every cell's {LEVEL * 100:g} % interval is a percentile bootstrap over test "
+              f"images: {boot.replicates} resamples per run (seed {boot.seed}), stratified "
+              "by label, each region resampled with its image, computed from `scores.npz` "
+              "without retraining; runs on one test set share their resamples, so "
+              "differences are paired. Across seeds the tables keep mean ± std and the "
+              "number of seeds.", "",
+              f"- Resampled: {boot.runs} of {complete} complete run(s) in {boot.seconds:.1f} s."]
+    if boot.without_scores:
+        shown = ", ".join(boot.without_scores[:5])
+        more = f" and {len(boot.without_scores) - 5} more" if len(boot.without_scores) > 5 else ""
+        lines.append(f"- No usable `scores.npz` (their cells have no interval): {shown}{more}.")
+    for item in sorted(boot.missing):
+        lines.append(f"- Not bootstrapped: {item}.")
+    if boot.full_resolution:
+        lines.append(f"- {boot.full_resolution} run(s) store full-resolution pixel statistics: "
+                     "their P-AUC and PRO intervals are exact.")
+    for metric, shifts in sorted(boot.shifts.items()):
+        if not shifts:
+            continue
+        arr = [abs(v) for v in shifts]
+        lines.append(
+            f"- {METRIC_TITLES.get(metric, metric)} ({metric}) from the stored maps "
+            f"(`scores.npz` keeps them downsampled, float16) differs from the record by median {statistics.median(arr):.4f}, at most "
+            f"{max(arr):.4f} over {len(arr)} run/protocol value(s); its interval takes its "
+            "spread from the stored maps and its centre from the record.")
+    verdicts = []
+    for _, grid in tables:
+        outside = paper_outside(grid)
+        flat = [v for vals in outside.values() for v in vals]
+        known = [v for v in flat if v is not None]
+        if not flat:
+            continue
+        verdicts.append(f"| [{grid.title}](tables/{grid.stem}.md) | {sum(known)} | "
+                        f"{len(known) - sum(known)} | {len(flat) - len(known)} |")
+    if verdicts:
+        lines += ["", "Δ against the paper, cell by cell: is the paper's value inside our "
+                  "interval (the gap within the noise of the test sample)?", "",
+                  "| table | outside (†) | inside | no interval |", "|---|:-:|:-:|:-:|",
+                  *verdicts]
+    return lines
+
+
+def _comparison_lines(comparisons, pro: str) -> list[str]:
+    lines = []
+    for setting, tables, rows, tests in comparisons:
+        if not rows and not tests:
+            continue
+        if not lines:
+            lines = ["", "## Paired comparisons and ranks", "", PAIRED_EXPLANATION, ""]
+        lines += [f"### {setting.title}", ""]
+        if rows:
+            lines.append(f"- [Paired differences](tables/paired_{setting.slug}.md) "
+                         f"([LaTeX](tables/paired_{setting.slug}.tex), "
+                         f"[CSV](tables/paired_{setting.slug}.csv))")
+        if tests:
+            lines.append(f"- [Friedman test](tables/friedman_{setting.slug}.md) "
+                         f"([LaTeX](tables/friedman_{setting.slug}.tex), "
+                         f"[CSV](tables/friedman_{setting.slug}.csv))")
+        for reference in dict.fromkeys(r["reference"] for r in rows):
+            for protocol in PROTOCOLS:
+                text = paired_summary_markdown(rows, protocol, reference, tables.metrics)
+                if text:
+                    lines += ["", f"Against {reference}, {PROTOCOL_TITLES[protocol]} "
+                              "(Δ mean [test-image interval]; bold: beyond the noise):", "",
+                              text]
+        if tests:
+            lines += ["", "Friedman test over categories (average ranks, 1 = best):", "",
+                      friedman_markdown(tests)]
+    return lines

@@ -1,4 +1,5 @@
-"""Summary statistics of metric values over seeds: one :class:`Stat` for reports and regress."""
+"""Summary statistics of metric values: :class:`Stat` over seeds (reports and regress) and
+:class:`Interval`, a bootstrap interval over test images (:mod:`bench.uncertainty`)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,20 @@ class Stat:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A bootstrap confidence interval: ``[low, high]`` at ``level`` from ``replicates``."""
+
+    low: float
+    high: float
+    level: float
+    replicates: int
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"low": self.low, "high": self.high, "level": self.level,
+                "replicates": self.replicates}

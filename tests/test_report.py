@@ -261,7 +261,8 @@ def test_figures_are_drawn_and_missing_arrays_are_skipped(tmp_path):
     out = render_report(res, tmp_path / "out")
     figs = tmp_path / "out" / "figures"
     stems = ["noise_curves_mvtec_px224_imagenet", "hist_mvtec_noise0.1_bottle",
-             "maps_mvtec_noise0.1_bottle", "diagnostics_mvtec_noise0.1_cdd"]
+             "maps_mvtec_noise0.1_bottle", "diagnostics_mvtec_noise0.1_cdd",
+             "maps_injected_mvtec_noise0.1_bottle", "speed_accuracy_mvtec_noise0.1_no_overlap"]
     for stem in stems:
         assert _png_has_content(figs / f"{stem}.png"), stem
         pdf = (figs / f"{stem}.pdf").read_bytes()
@@ -374,3 +375,122 @@ def test_a_curve_point_counts_each_cell_once(tmp_path):
     mean, std, present = curve_point(runs, "no_overlap", "i_auroc")
     assert mean == pytest.approx(0.7) and std == 0.0 and present == {"a", "b"}
     assert curve_point([], "no_overlap", "i_auroc") is None
+
+
+# ---- uncertainty: intervals, Δ against the noise, paired comparisons, Friedman -------------
+
+UNCERTAINTY = DATA / "results_uncertainty"
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_golden_intervals_paired_differences_and_friedman(tmp_path):
+    """Records with scores.npz (tests/data/report/make_uncertainty_records.py): the tables
+    gain intervals, the Δ tables their noise marks, and the paired and Friedman tables."""
+    out = render_report(UNCERTAINTY, tmp_path / "r", figures=False)
+    expected_dir = DATA / "expected" / "uncertainty"
+    names = sorted(p.name for p in expected_dir.glob("*.md"))
+    assert len(names) == 4
+    for name in names:
+        got = (tmp_path / "r" / "tables" / name).read_text(encoding="utf-8")
+        assert got == (expected_dir / name).read_text(encoding="utf-8"), name
+    stem = tmp_path / "r" / "tables" / "main_mvtec_noise0.1_px64_random-0_no_overlap"
+    tex = stem.with_name(stem.name + ".tex").read_text()
+    assert r"$^\dagger$" in tex and "[0.417, 0.958]" in tex
+    rows = _csv_rows(stem.with_name(stem.name + ".csv"))
+    with_paper = [r for r in rows if r["paper"]]
+    assert with_paper and all(r["paper_in_ci"] in ("yes", "no") for r in with_paper)
+    for r in with_paper:  # the verdict is the interval's, allowing for the paper's rounding
+        inside = float(r["ci_low"]) - 5e-4 <= float(r["paper"]) <= float(r["ci_high"]) + 5e-4
+        assert (r["paper_in_ci"] == "yes") == inside, r
+    index = out.read_text()
+    assert "Resampled: 8 of 8 complete run(s)" in index
+    assert "| table | outside (†) | inside | no interval |" in index
+    assert "Against RD, No overlap" in index and "SoftPatch − RD" in index
+    assert "RD − CDD" not in index  # a pair of references is shown once
+    for kind in ("paired", "friedman"):
+        for ext in ("md", "tex", "csv"):
+            assert (tmp_path / "r" / "tables" / f"{kind}_mvtec_noise0.1_px64_random-0.{ext}"
+                    ).is_file()
+
+
+def test_a_cell_interval_is_the_record_value_plus_the_stored_spread(tmp_path):
+    """Recomputed by hand from the run's scores.npz with a plain loop over the resamples."""
+    from bench.metrics import image_auroc, pixel_auroc
+    from bench.uncertainty import resample_indices
+
+    render_report(UNCERTAINTY, tmp_path / "r", figures=False)
+    rows = _csv_rows(tmp_path / "r" / "tables"
+                     / "main_mvtec_noise0.1_px64_random-0_no_overlap.csv")
+    run = next(p for p in (UNCERTAINTY / "runs").iterdir()
+               if json.loads((p / "record.json").read_text())["spec"]["method"] == "rd"
+               and json.loads((p / "record.json").read_text())["spec"]["category"] == "bottle")
+    record = json.loads((run / "record.json").read_text())
+    with np.load(run / "scores.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    keep = arrays["in_no_overlap"]
+    sub = {k: v[keep] for k, v in arrays.items()}
+    idx = resample_indices(sub["test_keys"], sub["test_labels"], 1000, seed=0)
+    for metric, fn, args in (("i_auroc", image_auroc, ("test_scores", "test_labels")),
+                             ("p_auroc", pixel_auroc, ("test_maps", "test_masks"))):
+        stored = fn(*(sub[a] for a in args))
+        reps = np.array([fn(*(sub[a][i] for a in args)) for i in idx])
+        value = record["metrics"]["no_overlap"][metric]
+        low, high = value + np.quantile(reps - stored, [0.025, 0.975])
+        row = next(r for r in rows if r["row"] == "bottle" and r["column"] == "RD"
+                   and r["metric"] == metric)
+        assert float(row["mean"]) == value
+        assert float(row["ci_low"]) == pytest.approx(max(low, 0.0), abs=1e-12)
+        assert float(row["ci_high"]) == pytest.approx(min(high, 1.0), abs=1e-12)
+
+
+def test_bootstrap_off_references_and_bad_options(tmp_path):
+    render_report(UNCERTAINTY, tmp_path / "off", figures=False, bootstrap=0)
+    md = (tmp_path / "off" / "tables" / "main_mvtec_noise0.1_px64_random-0_no_overlap.md")
+    assert "interval over test images" not in md.read_text() and "†" not in md.read_text()
+    assert "No bootstrap" in (tmp_path / "off" / "report.md").read_text()
+    render_report(UNCERTAINTY, tmp_path / "sp", figures=False, bootstrap=50,
+                  references=("SoftPatch",))
+    paired = (tmp_path / "sp" / "tables" / "paired_mvtec_noise0.1_px64_random-0.md").read_text()
+    assert "### Against SoftPatch" in paired and "### Against RD" not in paired
+    render_report(UNCERTAINTY, tmp_path / "none", figures=False, bootstrap=50,
+                  references=("no such method",))
+    assert not (tmp_path / "none" / "tables" / "paired_mvtec_noise0.1_px64_random-0.md").exists()
+    for bad in ({"bootstrap": -1}, {"bootstrap": True}, {"bootstrap_seed": 1.5},
+                {"tsne_points": 3}):
+        with pytest.raises(UserError):
+            render_report(UNCERTAINTY, tmp_path / "bad", figures=False, **bad)
+
+
+def test_speed_accuracy_and_critical_difference_figures(tmp_path):
+    out = render_report(UNCERTAINTY, tmp_path / "r", bootstrap=100)
+    figs = tmp_path / "r" / "figures"
+    stems = ["speed_accuracy_mvtec_noise0.1_px64_random-0_no_overlap",
+             "speed_accuracy_mvtec_noise0.1_px64_random-0_overlap",
+             "cd_mvtec_noise0.1_px64_random-0"]
+    index = out.read_text()
+    for stem in stems:
+        assert _png_has_content(figs / f"{stem}.png"), stem
+        assert (figs / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        assert f"figures/{stem}.png" in index
+    assert "fewer than 5 categories" in index
+
+
+def test_the_paper_is_outside_only_beyond_its_rounding():
+    from bench.report import Interval, delta_marks, paper_outside
+
+    ci = Interval(0.9812, 0.99, 0.95, 1000)
+    cells = {("r", "", c): Cell((Stat(0.985, None, 1),), intervals=(ci,)) for c in "abc"}
+    cells[("r", "", "d")] = Cell((Stat(0.985, None, 1),))  # no interval
+    grid = Grid(stem="t", title="t", caption="t", row_header="Category", rows=["r"],
+                groups=[("", list("abcd"))], metrics=("value",), cells=cells,
+                paper={("r", "", "a"): (0.981,), ("r", "", "b"): (0.980,),
+                       ("r", "", "c"): (0.99,), ("r", "", "d"): (0.5,)})
+    # 0.981 may stand for 0.9812 (printed to 3 decimals): inside; 0.980 cannot: outside.
+    assert paper_outside(grid) == {("r", "", "a"): (False,), ("r", "", "b"): (True,),
+                                   ("r", "", "c"): (False,), ("r", "", "d"): (None,)}
+    assert delta_marks(grid) == {("r", "", "a"): ("",), ("r", "", "b"): ("†",),
+                                 ("r", "", "c"): ("",), ("r", "", "d"): ("?",)}

@@ -17,6 +17,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "papers report it)")
     parser.add_argument("--no-figures", action="store_true",
                         help="tables and index only (faster)")
+    parser.add_argument("--bootstrap", type=int, default=None, metavar="B",
+                        help="bootstrap resamples per run for the 95 %% intervals over test "
+                             "images (default 1000; 0: no intervals)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, metavar="S",
+                        help="seed of the resamples (default 0)")
+    parser.add_argument("--reference", dest="references", action="append", default=None,
+                        metavar="NAME",
+                        help="paper name of a reference method for the paired comparisons "
+                             "(repeatable; default RD and CDD)")
+    parser.add_argument("--tsne", action="store_true",
+                        help="also draw Fig. A1, the t-SNE of teacher features, which rebuilds "
+                             "the teacher and reads the test images from the data root")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="data root for --tsne (default: the one in the records)")
+    parser.add_argument("--tsne-categories", nargs="+", default=None, metavar="CAT",
+                        help="categories for --tsne (default: carpet, grid, leather where "
+                             "present, else the first three)")
+    parser.add_argument("--tsne-points", type=int, default=None, metavar="N",
+                        help="points per t-SNE panel (default 1000)")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the teacher for --tsne (default cpu)")
     parser.add_argument("--plugin", dest="plugins", action="append", default=[],
                         metavar="MODULE",
                         help="import MODULE first (a method it registers gets its own column "
@@ -29,6 +50,20 @@ def run(args: argparse.Namespace) -> int:
 
     import_plugins(args.plugins)
 
-    path = render_report(args.results, args.out, pro=args.pro, figures=not args.no_figures)
+    from bench.uncertainty import DEFAULT_REPLICATES
+
+    if args.tsne and args.no_figures:
+        from bench.errors import UserError
+
+        raise UserError("--tsne draws a figure; drop --no-figures to use it")
+    extra = {}
+    if args.references:
+        extra["references"] = tuple(args.references)
+    path = render_report(
+        args.results, args.out, pro=args.pro, figures=not args.no_figures,
+        bootstrap=DEFAULT_REPLICATES if args.bootstrap is None else args.bootstrap,
+        bootstrap_seed=args.bootstrap_seed, tsne=args.tsne, data_root=args.data_root,
+        tsne_categories=args.tsne_categories, tsne_points=args.tsne_points,
+        device=args.device, **extra)
     print(f"report written to {path}")
     return 0
