@@ -54,8 +54,10 @@ def test_every_bundled_preset_expands():
     # categories x ratios x seeds x methods
     assert counts["demo"] == 2 * 3 * 1 * 2
     assert counts["ci"] == 2 * 2 * 3 * 2
-    assert counts["paper-mvtec"] == 15 * 1 * 1 * 3  # rd, cdd, softpatch
-    assert counts["paper-visa"] == 12 * 3
+    # Table 1: RD, ReContrast, URD, SoftPatch, InReaCh, FUN-AD, CDD; Table 2 has no
+    # ReContrast or URD column.
+    assert counts["paper-mvtec"] == 15 * 1 * 1 * 7
+    assert counts["paper-visa"] == 12 * 5
     assert counts["noise-mvtec"] == 15 * 8 * 2
     assert counts["noise-visa"] == 12 * 5 * 2
     assert counts["table4"] == 15 * 6 and counts["table5"] == 15 * 5
@@ -75,16 +77,17 @@ def test_overrides_are_type_checked_and_canonical():
         expand(preset, categories=["bottle"], sets=["epoch=3"], check_data=False)
     with pytest.raises(UserError, match="expected an integer"):
         expand(preset, categories=["bottle"], sets=["epochs=many"], check_data=False)
-    # epochs exists in rd and cdd but not in softpatch: a sweep-wide --set reaches those that
-    # have it, and a SoftPatch field reaches SoftPatch alone.
+    # epochs exists in the trained methods but not in softpatch or inreach: a sweep-wide --set
+    # reaches those that have it, and a SoftPatch field reaches SoftPatch alone.
     both = expand(preset, categories=["bottle"], sets=["epochs=3", "lof_k=6"], check_data=False)
     assert {s.method: (s.config.get("epochs"), s.config.get("lof_k")) for s in both} == {
-        "rd": (3, None), "cdd": (3, None), "softpatch": (None, 6)}
+        "rd": (3, None), "recontrast-cdd": (3, None), "urd-cdd": (3, None),
+        "softpatch": (None, 6), "inreach": (None, None), "funad": (3, None), "cdd": (3, None)}
     with pytest.raises(UserError, match="rd.lof_k: method 'rd'"):
         expand(preset, categories=["bottle"], sets=["rd.lof_k=6"], check_data=False)
     cdd_only = expand(preset, categories=["bottle"], sets=["cdd.epochs=3"], check_data=False)
     assert {s.method: s.config["epochs"] for s in cdd_only if "epochs" in s.config} == \
-        {"rd": 200, "cdd": 3}
+        {"rd": 200, "recontrast-cdd": None, "urd-cdd": None, "cdd": 3}
     with pytest.raises(UserError, match="not in this sweep"):
         expand(preset, categories=["bottle"], sets=["patchcore.sigma=2"], check_data=False)
     assert parse_sets(["a=1", "rd.b=x"]) == {None: {"a": "1"}, "rd": {"b": "x"}}
