@@ -16,7 +16,7 @@ is interrupted and listed as timed out; the items after it are listed as skipped
   re-created official RD4AD loop (``benchmarks/reference_rd.py``) on the same PNG files,
   interleaved with the RD rows.
 - ``estimate``: measured seconds per image-epoch x MVTec AD's training images x 200 epochs, for
-  the clean training sets and for the paper's noise ratio 0.1 (PROTOCOL §1 and §2), in minutes.
+  the clean training sets and for the paper's noise ratio 0.1 (docs/protocol.md §1 and §2), in minutes.
 - ``infer``: inference images/s and peak memory of every registered method
   (``methods.available_methods()``), each built with its ``smoke_overrides`` plus the check's
   backbone, float32; a method that fails is a row with its error.
@@ -513,7 +513,7 @@ def _median(results: Sequence[dict] | None, key: str) -> float | None:
 
 def mvtec_train_counts(noise_ratio: float) -> int:
     """MVTec AD training images over the 15 categories at ``noise_ratio`` (normal images plus
-    floor(ratio x normal) injected anomalies per category, the split rule of PROTOCOL §2)."""
+    floor(ratio x normal) injected anomalies per category, the split rule of docs/protocol.md §2)."""
     from datasets.mvtec import MVTEC_COUNTS
     from datasets.splits import requested_count
 

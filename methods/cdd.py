@@ -1,7 +1,7 @@
 """Cross-Domain Distillation (CDD) for fully unsupervised anomaly detection.
 
 Reference: "Fence off Anomaly Interference: Cross-Domain Distillation for Fully Unsupervised
-Anomaly Detection", §4 and Algorithm 1 (``../shared/paper/cdd-paper.md``). No public code
+Anomaly Detection", §4 and Algorithm 1 (appendix C). No public code
 exists; this module is written to be read beside the paper, with equation numbers in comments.
 
 One epoch e of CDD (Algorithm 1), with S_glo the global student and S_glo(e-1) its state at the
@@ -9,7 +9,9 @@ start of the epoch:
 
 1. Features of S_glo(e-1) on every training image, computed once (eval mode, no grad) and kept
    beside the teacher's :class:`~methods.rd.FeatureCache`; they give the confidence Conf_i
-   (Eq. 12), the regularisation targets (Eq. 15) and the affinity reference (Eq. 17).
+   (Eq. 12), the regularisation targets (Eq. 15) and the affinity reference (Eq. 17). In an
+   epoch where none of these is used (D^HC empty, no regulariser weight, at most two students)
+   the pass is skipped.
 2. Confidence-guided domain construction: the top r(e) = min(e/E, r_normal) (Eq. 13) form the
    high-confidence set D^HC; the rest is split randomly and evenly into K disjoint parts
    D_k^LC, and D_k = D^HC u D_k^LC (Eq. 14).
@@ -18,14 +20,15 @@ start of the epoch:
    (Eqs. 15-16).
 4. Cross-domain pseudo-normal distillation: for a sample of D_k the target is the output of one
    student not trained on D_k, chosen by consensus (Eqs. 17-18), and S_glo sees the teacher
-   features plus Gaussian noise (Eq. 19), loss Eq. 20.
+   features plus Gaussian noise (Eq. 19), loss Eq. 20. With K >= 3 every student's output on
+   D^HC (visited by all K domains) is computed once for the epoch and read at each visit.
 5. Confident distillation: S_glo is trained on D^HC with teacher targets (Eq. 21).
 
 Every ablation of the paper is a config switch (:class:`CDDConfig`) and every table row a preset
 (``cdd-t4-*``, ``cdd-t5-*``, ``cdd-t6-*``, ``cdd-a1-*``, ``cdd-a2-*``). With every switch off,
 CDD is RD: :meth:`CrossDomainDistillation.fit` then runs RD's own training loop.
 
-Choices where the paper is silent (PROTOCOL §5 "open"), also in ``docs/cdd.md``:
+Choices where the paper is silent (docs/protocol.md §5 "open"), also in ``docs/cdd.md``:
 
 - Passes: one pass per domain per epoch for each domain-specific student, one pass per domain
   for the cross-domain stage (Algorithm 1 lines 18-26), one pass over D^HC for confident
@@ -50,6 +53,10 @@ Choices where the paper is silent (PROTOCOL §5 "open"), also in ``docs/cdd.md``
   still computed when Conf.D. needs it.
 - The switches must describe a trainable model: without D.C. all other switches are off (RD),
   F.P. needs P.N., and with D.C. the global student needs P.N. or Conf.D.
+- Randomness: four independent streams spawned from the seed (:func:`random_streams`).
+- The global student's BatchNorm statistics are those training leaves (class docstring);
+  ``bn_stats="clean"`` recomputes them on clean features after every epoch instead.
+- The log's ``lambda`` is the regularisation weight applied (0 without Reg.).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from methods.rd import (
 SELECTIONS = ("consensual", "all", "next")
 LAMBDA_SCHEDULES = ("s_curve", "linear", "zero", "one")
 HC_IN_CROSS = ("per_domain", "once")
+BN_STATS = ("train", "clean")
 # The switches of Table 4, in the paper's column order.
 SWITCHES = (
     "domain_construction",
@@ -125,7 +133,7 @@ class CDDConfig(RDConfig):
     lambda_p: float = 4.0
     # Feature perturbation std: Eq. 19 / Algorithm 1 line 3 "sigma_noise = 0.2".
     sigma_noise: float = 0.2
-    # Open point (PROTOCOL §5): HC samples in the cross-domain stage, once per domain (Eq. 20
+    # Open point (docs/protocol.md §5): HC samples in the cross-domain stage, once per domain (Eq. 20
     # read literally) or once in total.
     hc_in_cross: Literal["per_domain", "once"] = "per_domain"
     # Open point: keep each domain-specific student's Adam state across epochs.
@@ -136,6 +144,17 @@ class CDDConfig(RDConfig):
     max_steps_per_stage: int | None = None
     # Speed switch: run the K-1 other students' affinity forwards as one vmapped call.
     batched_students: bool = True
+    # Speed switch: compute each domain-specific student's outputs on D^HC once per epoch
+    # (with K >= 3 an HC sample is visited K times), skip S_glo(e-1)'s pass in epochs where
+    # nothing but the diagnostics would read it, and keep its feature buffers across epochs.
+    # False recomputes all of it (same results up to float rounding; benchmarks/bench_cdd.py
+    # --compare-recompute times both).
+    avoid_recomputation: bool = True
+    # Harness experiment (the paper is silent): "train" keeps the global student's BatchNorm
+    # running statistics as training leaves them (perturbed cross-domain inputs, then clean
+    # confident-distillation inputs); "clean" recomputes them after every epoch from the clean
+    # teacher features of every training image.
+    bn_stats: Literal["train", "clean"] = "train"
 
     def __post_init__(self):
         super().__post_init__()
@@ -148,6 +167,8 @@ class CDDConfig(RDConfig):
             )
         if self.hc_in_cross not in HC_IN_CROSS:
             raise UserError(f"{where} hc_in_cross={self.hc_in_cross!r}; use one of {HC_IN_CROSS}")
+        if self.bn_stats not in BN_STATS:
+            raise UserError(f"{where} bn_stats={self.bn_stats!r}; use one of {BN_STATS}")
         if not 0.0 <= self.r_normal <= 1.0:
             raise UserError(f"{where} r_normal={self.r_normal} must be within [0, 1]")
         if self.sigma_noise < 0 or self.lambda_p <= 0:
@@ -156,6 +177,8 @@ class CDDConfig(RDConfig):
             raise UserError(f"{where} max_steps_per_stage must be at least 1 or None")
         if not self.domain_construction:
             on = [s for s in SWITCHES[1:] if getattr(self, s)]
+            if self.bn_stats != "train":
+                on.append(f"bn_stats={self.bn_stats}")
             if on:
                 raise UserError(
                     f"{where}: {', '.join(on)} need domain_construction=true; turn them off "
@@ -213,6 +236,51 @@ def k_at_epoch(epoch: int, epochs: int, schedule: Sequence[int]) -> int:
     """K for ``epoch``: the schedule's entries cover equal consecutive stages of training."""
     stage = min(len(schedule) - 1, epoch * len(schedule) // epochs)
     return int(schedule[stage])
+
+
+# --------------------------------------------------------------------------------------------
+# Random streams
+
+
+@dataclass(frozen=True)
+class RandomStreams:
+    """The independent random streams of one CDD fit, all spawned from its seed.
+
+    ``init_seed`` draws the global student's initialisation, ``order`` the batch order of every
+    pass (CPU), ``noise`` the feature perturbation of Eq. 19 (on the training device) and
+    ``domains`` the low-confidence split and the "once" HC shares, one child per epoch.
+    """
+
+    init_seed: int
+    order: torch.Generator
+    noise: torch.Generator
+    domains: np.random.SeedSequence
+
+    def domain_rng(self, epoch: int) -> np.random.Generator:
+        """The epoch's own child of ``domains`` (the one ``spawn`` would give as child
+        ``epoch``), so that a split never depends on what earlier epochs drew."""
+        child = np.random.SeedSequence(self.domains.entropy,
+                                       spawn_key=(*self.domains.spawn_key, epoch))
+        return np.random.default_rng(child)
+
+
+def random_streams(seed: int, device: str | torch.device = "cpu") -> RandomStreams:
+    """Four non-overlapping streams from ``numpy.random.SeedSequence(seed).spawn``.
+
+    Seeding generators with ``seed``, ``seed + 1``, ... would make run ``seed``'s second
+    stream run ``seed + 1``'s first one; spawned children are independent by construction.
+    """
+
+    def torch_seed(sequence: np.random.SeedSequence) -> int:
+        return int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+    init, order, noise, domains = np.random.SeedSequence(int(seed)).spawn(4)
+    return RandomStreams(
+        init_seed=torch_seed(init),
+        order=torch.Generator().manual_seed(torch_seed(order)),
+        noise=torch.Generator(device=torch.device(device)).manual_seed(torch_seed(noise)),
+        domains=domains,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,22 +506,33 @@ class CrossDomainDistillation(ReverseDistillation):
     applied to the global student (Eq. 11 is RD's anomaly map). With every switch off the method
     is RD: ``fit`` runs :meth:`ReverseDistillation.fit` unchanged (same seed, same losses).
 
-    Open choices (PROTOCOL §5), decided here and in ``docs/cdd.md``: one pass per domain per
+    Open choices (docs/protocol.md §5), decided here and in ``docs/cdd.md``: one pass per domain per
     epoch; HC samples visited once per domain in the cross-domain stage
     (``hc_in_cross="per_domain"``, switchable to ``"once"``); dynamic K over equal consecutive
     stages; the global student's Adam persists, the domain-specific students' Adam restarts
     each epoch (``persist_ds_adam``); fixed-target networks run in eval mode.
 
-    Randomness, all from ``seed``: the global student's initialisation (as RD's), batch order
-    (a CPU ``torch.Generator``), the domain splits (``numpy`` generator keyed by seed and epoch)
-    and the perturbation noise (a generator on the training device).
+    Randomness, all from ``seed`` through :func:`random_streams` (``SeedSequence(seed).spawn``,
+    four independent streams): the global student's initialisation, the batch order (a CPU
+    ``torch.Generator``), the perturbation noise (a generator on the training device) and the
+    domain splits (a ``numpy`` generator per epoch).
+
+    BatchNorm: the global student trains in train mode, so its running statistics (momentum
+    0.1) follow the batches it is trained on: the perturbed inputs of the cross-domain stage,
+    then the clean D^HC inputs of confident distillation, which come last in every epoch with
+    Conf.D. These statistics serve in eval mode as S_glo(e-1) (confidence, regulariser and
+    affinity targets) and at inference. Domain-specific students copy them with the weights and
+    update them on their own clean batches. ``bn_stats="clean"`` recomputes the global
+    student's statistics on clean features after every epoch (an experiment, see docs/cdd.md).
 
     Observer, after each epoch: scalars ``loss`` (mean global-student batch loss), ``steps``
-    (global-student optimiser steps so far), ``r``, ``lambda``, ``K``, ``n_hc``,
+    (global-student optimiser steps so far), ``r``, ``lambda`` (the regularisation weight
+    applied: lambda(e), or 0 without Reg.), ``K``, ``n_hc``,
     ``domain_size_k`` and ``visit_pick_count_k`` (targets taken from student k, counted per
     visit) for k below the largest K (0 when unused),
     ``loss_ds_teacher``, ``loss_ds_reg``, ``loss_cross``, ``loss_hc`` (NaN when a stage did not
-    run); per_sample arrays ``confidence`` (Eq. 12 under S_glo(e-1)), ``in_hc`` (0/1) and
+    run); per_sample arrays ``confidence`` (Eq. 12 under S_glo(e-1); NaN in an epoch where no
+    training step needs S_glo(e-1), e.g. epoch 0, whose pass is skipped), ``in_hc`` (0/1) and
     ``picked`` (the student whose output was the sample's pseudo-normal target, -1 when the
     sample was not visited once with a single pick: HC samples under "per_domain", "all") and
     ``domain`` (the sample's low-confidence part k, -1 for an HC sample inside every domain).
@@ -491,34 +570,39 @@ class CrossDomainDistillation(ReverseDistillation):
             raise UserError("cdd: batch_size=1 cannot train BatchNorm on 32 px images (a 1x1 "
                             "bottleneck); use batch_size >= 2 or larger images")
         teacher = self._build_teacher()
-        self.student = glo = self._new_student()
+        self._note_precision()
+        streams = random_streams(self.seed, self.device)
+        self._order_gen, self._noise_gen = streams.order, streams.noise
+        self.student = glo = self._new_student(seed=streams.init_seed)
         glo_opt = self._adam(glo)
-        # S_glo(e-1)'s features sit beside the teacher's (regulariser, consensual targets):
-        # budget GPU memory for both when choosing where the cache lives.
-        keeps_ref = cfg.regularization or (cfg.pseudo_normal and cfg.selection == "consensual"
-                                           and max(cfg.k_schedule) > 2)
+        schedule = [self._epoch_settings(e) for e in range(cfg.epochs)]
+        # S_glo(e-1)'s features and the stored outputs on D^HC sit beside the teacher's: budget
+        # memory for all of them when choosing where the cache lives.
         cache = FeatureCache(teacher, train.images, self.device, storage=cfg.cache_device,
-                             channels_last=self._channels_last, copies=2 if keeps_ref else 1)
-        self._order_gen = torch.Generator().manual_seed(self.seed)
-        self._noise_gen = torch.Generator(device=self.device).manual_seed(self.seed + 1)
+                             channels_last=self._channels_last,
+                             copies=self._feature_copies(n, schedule))
         k_max = max(cfg.k_schedule)
-        # Domain-specific students: copies (not new draws), so the global RNG is untouched.
+        # Domain-specific students: copies (not new draws), so no random stream is touched.
         self._ds = [copy.deepcopy(glo) for _ in range(k_max)]
+        self._ref = self._hc_feats = None  # buffers, allocated once and reused every epoch
         ds_opts: list[torch.optim.Optimizer | None] = [None] * k_max
+        needs_hc = cfg.confidence_guided or cfg.confident_distillation
         steps = 0
-        for epoch in range(cfg.epochs):
-            r = r_schedule(epoch, cfg.epochs, cfg.r_normal)
-            lam = lambda_schedule(epoch, cfg.epochs, cfg.lambda_schedule, cfg.lambda_p)
-            k = k_at_epoch(epoch, cfg.epochs, cfg.k_schedule)
-            rng = np.random.default_rng([self.seed, epoch])
-            # Step 1: S_glo(e-1)'s features, once per epoch (Eq. 12 and the targets).
-            keep_ref = self._keeps_previous_features(k, lam_positive=lam > 0)
-            confidence, ref = self._previous_global_pass(glo, cache, keep_ref)
+        for epoch, (r, lam, k) in enumerate(schedule):
+            rng = streams.domain_rng(epoch)
+            # Step 1: S_glo(e-1)'s confidences and features, once per epoch (Eq. 12, targets).
+            n_hc = high_confidence_count(r, n) if needs_hc else 0
+            keep_ref = self._keeps_previous_features(k, lam)
+            if n_hc or keep_ref or not cfg.avoid_recomputation:
+                confidence, ref = self._previous_global_pass(glo, cache, keep_ref)
+            else:
+                # No training step reads S_glo(e-1) this epoch (D^HC empty, no regulariser, no
+                # consensus among three or more): its confidences would feed diagnostics only.
+                confidence, ref = torch.full((n,), math.nan), None
             # Step 2: domains (Eqs. 13-14).
-            needs_hc = cfg.confidence_guided or cfg.confident_distillation
-            hc = select_high_confidence(confidence.numpy(), r) if needs_hc else np.zeros(0, int)
+            hc = select_high_confidence(confidence.numpy(), r) if n_hc else np.zeros(0, np.int64)
             plan = construct_domains(n, hc, k, rng, guided=cfg.confidence_guided)
-            # Step 3: domain-specific students (Eqs. 15-16).
+            # Step 3: domain-specific students (Eqs. 15-16), each from a copy of S_glo(e-1).
             state = glo.state_dict()
             ds_losses = []
             for d in range(k):
@@ -526,8 +610,7 @@ class CrossDomainDistillation(ReverseDistillation):
                 if ds_opts[d] is None or not cfg.persist_ds_adam:
                     ds_opts[d] = self._adam(self._ds[d])
                 ds_losses += self._train_domain_student(
-                    self._ds[d], ds_opts[d], plan.domain(d), cache, ref,
-                    lam if cfg.regularization else 0.0,
+                    self._ds[d], ds_opts[d], plan.domain(d), cache, ref, lam
                 )
             # Step 4: cross-domain pseudo-normal distillation (Eqs. 17-20).
             picked = torch.full((n,), -1, dtype=torch.long, device=self.device)
@@ -536,8 +619,11 @@ class CrossDomainDistillation(ReverseDistillation):
             budget = None if cfg.max_steps is None else cfg.max_steps - steps
             if cfg.pseudo_normal:
                 visits = cross_visits(plan, cfg.hc_in_cross, rng)
+                stored = None
+                if self._stores_hc_outputs(k, plan.hc.size):
+                    stored = self._hc_student_outputs(k, plan.hc, cache)
                 cross_losses = self._cross_domain_stage(
-                    glo, glo_opt, visits, cache, ref, picked, pick_counts, budget
+                    glo, glo_opt, visits, cache, ref, stored, picked, pick_counts, budget
                 )
                 steps += len(cross_losses)
                 if cfg.hc_in_cross == "per_domain" and plan.guided:
@@ -548,6 +634,8 @@ class CrossDomainDistillation(ReverseDistillation):
             if cfg.confident_distillation and plan.hc.size and (budget is None or budget > 0):
                 hc_losses = self._confident_stage(glo, glo_opt, plan.hc, cache, budget)
                 steps += len(hc_losses)
+            if cfg.bn_stats == "clean":
+                self._recompute_bn_stats(glo, cache)
             scalars = self._epoch_scalars(
                 r, lam, k, k_max, plan, ds_losses, cross_losses, hc_losses, pick_counts, steps
             )
@@ -565,8 +653,47 @@ class CrossDomainDistillation(ReverseDistillation):
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
         glo.eval()
-        # Domain-specific students are training-time only.
-        self._ds, self._template = [], None
+        # Domain-specific students and the buffers are training-time only.
+        self._ds, self._template, self._ref, self._hc_feats = [], None, None, None
+
+    # -- per-epoch plan --------------------------------------------------------------------
+
+    def _epoch_settings(self, epoch: int) -> tuple[float, float, int]:
+        """(r(e), the regularisation weight applied, K) of ``epoch``: lambda(e) of Eq. 16 (or
+        its Table A2 variant) with Reg., 0 without; that weight is also what the log shows."""
+        cfg = self.config
+        lam = 0.0
+        if cfg.regularization:
+            lam = lambda_schedule(epoch, cfg.epochs, cfg.lambda_schedule, cfg.lambda_p)
+        return (r_schedule(epoch, cfg.epochs, cfg.r_normal), lam,
+                k_at_epoch(epoch, cfg.epochs, cfg.k_schedule))
+
+    def _keeps_previous_features(self, k: int, lam: float) -> bool:
+        """Whether an epoch needs S_glo(e-1)'s features: the regulariser's target (applied
+        weight ``lam`` > 0) or the consensus affinity among more than two students."""
+        cfg = self.config
+        return bool(lam > 0 or (cfg.pseudo_normal and cfg.selection == "consensual" and k > 2))
+
+    def _stores_hc_outputs(self, k: int, n_hc: int) -> bool:
+        """Whether the cross-domain stage reads the domain students' outputs on D^HC from a
+        per-epoch store: an HC sample is visited by all K domains (per_domain) and each visit
+        needs K-1 outputs ("consensual", "all"), so with K >= 3 computing them per visit would
+        repeat each one K-1 times; at K = 2, with "next" or "once" nothing repeats."""
+        cfg = self.config
+        return bool(cfg.avoid_recomputation and cfg.confidence_guided and k >= 3 and n_hc > 0
+                    and cfg.hc_in_cross == "per_domain" and cfg.selection != "next")
+
+    def _feature_copies(self, n: int, schedule) -> float:
+        """Training-set-sized feature sets the fit keeps, the teacher cache included: +1 when
+        some epoch keeps S_glo(e-1)'s features, + K_max x |D^HC|max / N for the stored outputs."""
+        copies = 1.0
+        if any(self._keeps_previous_features(k, lam) for _, lam, k in schedule):
+            copies += 1
+        cap = high_confidence_count(self.config.r_normal, n)
+        if self.config.pseudo_normal and any(self._stores_hc_outputs(k, cap)
+                                             for _, _, k in schedule):
+            copies += max(self.config.k_schedule) * cap / n
+        return copies
 
     # -- stages ----------------------------------------------------------------------------
 
@@ -578,21 +705,24 @@ class CrossDomainDistillation(ReverseDistillation):
         return torch.optim.Adam(student.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                 fused=fused)
 
-    def _batches(self, index: np.ndarray, limit: int | None = None) -> list[torch.Tensor]:
-        """One shuffled pass over ``index`` in batches of ``batch_size`` (last one kept).
+    def _split(self, order: torch.Tensor, size: int) -> list[torch.Tensor]:
+        """``order`` in chunks of ``size``, the last one kept. With 32 px images a chunk of
+        one cannot train BatchNorm: it joins the previous chunk (or is dropped when alone)."""
+        chunks = list(order.split(size))
+        if self._tiny and chunks and chunks[-1].numel() == 1:
+            tail = chunks.pop()
+            if chunks:
+                chunks[-1] = torch.cat([chunks[-1], tail])
+        return chunks
 
-        With 32 px images a batch of one cannot train BatchNorm: it joins the previous batch,
-        or is dropped when it is the whole pass.
-        """
+    def _batches(self, index: np.ndarray, limit: int | None = None) -> list[torch.Tensor]:
+        """One shuffled pass over ``index`` in batches of ``batch_size`` (last one kept; see
+        :meth:`_split` for 32 px images)."""
         cfg = self.config
         if index.size == 0:
             return []
         order = torch.as_tensor(index)[torch.randperm(index.size, generator=self._order_gen)]
-        batches = list(order.split(cfg.batch_size))
-        if self._tiny and batches[-1].numel() == 1:
-            tail = batches.pop()
-            if batches:
-                batches[-1] = torch.cat([batches[-1], tail])
+        batches = self._split(order, cfg.batch_size)
         caps = [c for c in (cfg.max_steps_per_stage, limit) if c is not None]
         return batches[: min(caps)] if caps else batches
 
@@ -601,24 +731,19 @@ class CrossDomainDistillation(ReverseDistillation):
         loss.backward()
         optimizer.step()
 
-    def _keeps_previous_features(self, k: int, lam_positive: bool) -> bool:
-        """Whether an epoch needs S_glo(e-1)'s features: the regulariser's target (when
-        lambda(e) > 0) or the consensus affinity among more than two students."""
-        cfg = self.config
-        return bool((cfg.regularization and lam_positive)
-                    or (cfg.pseudo_normal and cfg.selection == "consensual" and k > 2))
-
     def _previous_global_pass(self, glo, cache, keep: bool):
         """Conf_i (Eq. 12) of every sample under S_glo(e-1), and its features when ``keep``.
 
         Computed in chunks, in eval mode without gradients; the features are stored where the
-        teacher cache lives (they are as large as it is). Returns (CPU float32 (N,), feats|None).
+        teacher cache lives (they are as large as it is), in a buffer reused every epoch.
+        Returns (CPU float32 (N,), feats|None).
         """
         n = len(cache)
         chunk = max(self.config.batch_size, 32)
+        if not self.config.avoid_recomputation:
+            self._ref = None  # a fresh buffer every epoch, as before the buffers were reused
         glo.eval()
         conf = torch.empty(n, dtype=torch.float32, device=self.device)
-        ref = None
         with torch.no_grad():
             for start in range(0, n, chunk):
                 index = torch.arange(start, min(n, start + chunk))
@@ -627,13 +752,13 @@ class CrossDomainDistillation(ReverseDistillation):
                     s_feats = glo(t_feats)
                 conf[start:start + index.numel()] = confidence_scores(t_feats, s_feats)
                 if keep:
-                    if ref is None:
-                        ref = [torch.empty((n, *f.shape[1:]), dtype=torch.float32,
-                                           device=cache.storage_device) for f in s_feats]
-                    for buf, f in zip(ref, s_feats):
+                    if self._ref is None:
+                        self._ref = [torch.empty((n, *f.shape[1:]), dtype=torch.float32,
+                                                 device=cache.storage_device) for f in s_feats]
+                    for buf, f in zip(self._ref, s_feats):
                         buf[start:start + f.shape[0]].copy_(f.float(), non_blocking=True)
         glo.train()
-        return conf.cpu(), ref
+        return conf.cpu(), (self._ref if keep else None)
 
     def _train_domain_student(self, student, optimizer, domain, cache, ref, lam):
         """One pass over D_k with L_k^DS = teacher guidance + lambda(e) * regularisation (Eq. 15).
@@ -683,11 +808,64 @@ class CrossDomainDistillation(ReverseDistillation):
             outs = [self._ds[i](t_feats) for i in ids]
         return [torch.stack([o[layer] for o in outs]) for layer in range(len(outs[0]))]
 
-    def _cross_domain_stage(self, glo, optimizer, visits, cache, ref, picked, pick_counts,
-                            budget):
+    def _hc_student_outputs(self, k: int, hc: np.ndarray, cache):
+        """Every domain-specific student's output on D^HC, computed once after they trained.
+
+        Stored as float32 where the cache lives, in buffers reused every epoch. Returns
+        (slot, feats): ``slot`` (N,) CPU long, the sample's row in the buffers (-1 outside
+        D^HC); ``feats`` L tensors (K_max, |D^HC| max, C_l, h_l, w_l), student-major.
+        """
+        n = len(cache)
+        ids = list(range(k))
+        stacked = self._stacked_students(ids)
+        chunk = max(self.config.batch_size, 32)
+        for start in range(0, hc.size, chunk):
+            index = torch.as_tensor(hc[start:start + chunk])
+            outs = self._students_forward(ids, stacked, cache.get(index))
+            if self._hc_feats is None:
+                cap = high_confidence_count(self.config.r_normal, n)
+                self._hc_feats = [torch.empty((len(self._ds), cap, *o.shape[2:]),
+                                              dtype=torch.float32, device=cache.storage_device)
+                                  for o in outs]
+            for buf, o in zip(self._hc_feats, outs):
+                buf[:k, start:start + o.shape[1]].copy_(o.float(), non_blocking=True)
+        slot = torch.full((n,), -1, dtype=torch.long)
+        slot[torch.as_tensor(hc)] = torch.arange(hc.size)
+        return slot, self._hc_feats
+
+    def _other_outputs(self, ids, stacked, index, t_feats, stored) -> list[torch.Tensor]:
+        """Outputs of students ``ids`` on one batch, L tensors (H, B, ...): the rows of D^HC
+        from the epoch's store when there is one, the other rows computed now."""
+        if stored is None:
+            return self._students_forward(ids, stacked, t_feats)
+        slot_of, feats = stored
+        slots = slot_of[index]
+        kept = slots >= 0
+        if not bool(kept.any()):
+            return self._students_forward(ids, stacked, t_feats)
+        where = feats[0].device
+        rows = kept.nonzero().squeeze(1)
+        students = torch.as_tensor(ids, device=where)[:, None]
+        slot_sel = slots[rows].to(where)[None, :]
+        rows = rows.to(self.device)
+        outs = [torch.empty((len(ids), index.numel(), *f.shape[1:]), dtype=torch.float32,
+                            device=self.device) for f in t_feats]
+        for out, buf in zip(outs, feats):
+            out[:, rows] = buf[students, slot_sel].to(self.device, non_blocking=True)
+        fresh = (~kept).nonzero().squeeze(1).to(self.device)
+        if fresh.numel():
+            computed = self._students_forward(ids, stacked,
+                                              [f.index_select(0, fresh) for f in t_feats])
+            for out, f in zip(outs, computed):
+                out[:, fresh] = f.float()
+        return outs
+
+    def _cross_domain_stage(self, glo, optimizer, visits, cache, ref, stored, picked,
+                            pick_counts, budget):
         """Eqs. 17-20: one pass per domain; each batch is distilled from the selected students'
         outputs, with the global student's input perturbed (Eq. 19).
 
+        ``stored``: the students' outputs on D^HC (:meth:`_hc_student_outputs`) or None.
         ``picked`` (N,) and ``pick_counts`` (K_max,) are device tensors updated in place.
         """
         cfg = self.config
@@ -705,7 +883,7 @@ class CrossDomainDistillation(ReverseDistillation):
             slot_of[ids] = torch.arange(len(ids), device=self.device)
             for index in self._batches(visits[own], limit):
                 t_feats = cache.get(index)
-                outs = self._students_forward(ids, stacked, t_feats)  # L x (H, B, ...)
+                outs = self._other_outputs(ids, stacked, index, t_feats, stored)  # L x (H, B..)
                 b = index.numel()
                 own_t = torch.full((b,), own, dtype=torch.long, device=self.device)
                 if cfg.selection == "all":
@@ -751,6 +929,24 @@ class CrossDomainDistillation(ReverseDistillation):
             losses.append(loss.detach())
         return losses
 
+    def _recompute_bn_stats(self, glo, cache) -> None:
+        """``bn_stats="clean"``: replace the global student's BatchNorm running statistics by
+        those of the clean teacher features of every training image (train-mode forwards
+        without gradients; momentum None = the average over the chunks); weights untouched."""
+        norms = [m for m in glo.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        glo.train()
+        chunk = max(self.config.batch_size, 32)
+        with torch.no_grad():
+            for index in self._split(torch.arange(len(cache)), chunk):
+                with self._autocast():
+                    glo(cache.get(index))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+
     def _epoch_scalars(self, r, lam, k, k_max, plan, ds_losses, cross_losses, hc_losses,
                        pick_counts, steps) -> dict[str, float]:
         """Per-epoch scalars; one host sync for all the losses of the epoch."""
@@ -781,7 +977,7 @@ class CrossDomainDistillation(ReverseDistillation):
 
 
 # --------------------------------------------------------------------------------------------
-# Variants: every row of Tables 4, 5, 6, A1 and A2 (PROTOCOL §5 maps the rows).
+# Variants: every row of Tables 4, 5, 6, A1 and A2 (docs/protocol.md §5 maps the rows).
 
 _OFF = {s: False for s in SWITCHES}
 _FULL = {s: True for s in SWITCHES}

@@ -1,4 +1,4 @@
-"""Reverse Distillation (Deng & Li, CVPR 2022), as specified in PROTOCOL §4.
+"""Reverse Distillation (Deng & Li, CVPR 2022), as specified in docs/protocol.md §4.
 
 Reference semantics: hq-deng/RD4AD (``resnet.py``, ``de_resnet.py``, ``main.py``, ``test.py``).
 
@@ -56,11 +56,11 @@ class RDConfig:
     epochs: int = 200
     # Optional cap on optimizer steps for small runs (harness budget; not in the paper).
     max_steps: int | None = None
-    # Batch size: RD4AD main.py `batch_size = 16` (PROTOCOL §4).
+    # Batch size: RD4AD main.py `batch_size = 16` (docs/protocol.md §4).
     batch_size: int = 16
     # Adam learning rate: RD4AD main.py `learning_rate = 0.005`; CDD paper §5.
     lr: float = 0.005
-    # Adam betas: RD4AD main.py `betas=(0.5, 0.999)` (PROTOCOL §4: not 0.99).
+    # Adam betas: RD4AD main.py `betas=(0.5, 0.999)` (docs/protocol.md §4: not 0.99).
     betas: tuple[float, float] = (0.5, 0.999)
     # Gaussian smoothing of the anomaly map: RD4AD test.py `gaussian_filter(sigma=4)`; paper §5.
     gaussian_sigma: float = 4.0
@@ -69,8 +69,10 @@ class RDConfig:
     feature_cache: bool = True
     # where the cache lives: "auto" = the training device when it fits, else CPU.
     cache_device: Literal["auto", "device", "cpu"] = "auto"
-    # bf16 autocast for the student on CUDA (ignored on CPU); teacher and loss stay float32.
-    amp_bf16: bool = True
+    # Opt-in speed switch: bf16 autocast for the student on CUDA (ignored on CPU); teacher and
+    # loss stay float32. Off by default: RD4AD trains in float32 (PyTorch's defaults, TF32
+    # convolutions on Ampere and later), and bf16 has not been shown to match it.
+    amp_bf16: bool = False
     # channels_last memory format on CUDA (ignored on CPU).
     channels_last: bool = True
 
@@ -404,8 +406,9 @@ class FeatureCache:
             else CPU), ``"device"`` or ``"cpu"``. On CPU hosts everything stays on CPU.
         batch_size: images per teacher forward while filling the cache.
         channels_last: feed the teacher channels_last input (CUDA speed switch).
-        copies: how many feature sets of this size the caller will keep beside the cache
-            (CDD keeps the previous global student's); ``"auto"`` budgets for all of them.
+        copies: how many feature sets of this size the caller will keep beside the cache,
+            itself included (CDD keeps the previous global student's, and the domain students'
+            outputs on part of the set: a fraction); ``"auto"`` budgets for all of them.
 
     Attributes:
         feats: list of 3 float32 tensors (N, C_l, H/s_l, W/s_l) on ``storage_device``.
@@ -420,7 +423,7 @@ class FeatureCache:
         storage: Literal["auto", "device", "cpu"] = "auto",
         batch_size: int = 32,
         channels_last: bool = False,
-        copies: int = 1,
+        copies: float = 1,
     ):
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -445,7 +448,7 @@ class FeatureCache:
             torch.cuda.synchronize(self.device)
 
     def _choose_storage(self, storage: str, backbone: str, n: int, h: int, w: int,
-                        copies: int = 1) -> torch.device:
+                        copies: float = 1) -> torch.device:
         if storage == "cpu" or self.device.type != "cuda":
             return torch.device("cpu")
         if storage == "device":
@@ -490,6 +493,17 @@ def make_adam(
                             foreach=None if cuda else True)
 
 
+def precision_name(device: str | torch.device, amp_bf16: bool) -> str:
+    """What arithmetic the student runs in, for the record: ``"bf16-autocast"``,
+    ``"float32+tf32-conv"`` (CUDA with cuDNN's TF32 convolutions, PyTorch's default) or
+    ``"float32"``."""
+    if torch.device(device).type != "cuda":
+        return "float32"
+    if amp_bf16:
+        return "bf16-autocast"
+    return "float32+tf32-conv" if torch.backends.cudnn.allow_tf32 else "float32"
+
+
 def student_autocast(device: str | torch.device, amp_bf16: bool):
     """Context for student forward passes: bf16 autocast on CUDA if ``amp_bf16``, else a no-op.
 
@@ -527,6 +541,7 @@ class ReverseDistillation(Method):
         super().__init__(config, teacher_weights=teacher_weights, device=device, seed=seed)
         self.teacher: Teacher | None = None
         self.student: RDStudent | None = None
+        self._fit_precision: str | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -550,9 +565,14 @@ class ReverseDistillation(Method):
             self.teacher = teacher.to(self.device, memory_format=self._memory_format())
         return self.teacher
 
-    def _new_student(self) -> RDStudent:
-        student = build_student(self.config.backbone, seed=self.seed)
+    def _new_student(self, seed: int | None = None) -> RDStudent:
+        """A fresh student drawn from ``seed`` (default: the method's seed), on the device."""
+        student = build_student(self.config.backbone, seed=self.seed if seed is None else seed)
         return student.to(self.device, memory_format=self._memory_format())
+
+    def _note_precision(self) -> None:
+        """Remember the arithmetic this fit runs in (TF32 flags as they are now)."""
+        self._fit_precision = precision_name(self.device, self.config.amp_bf16)
 
     # -- Method API ------------------------------------------------------------------------
 
@@ -575,6 +595,7 @@ class ReverseDistillation(Method):
                 f"use an image size of at least 64 or another batch_size"
             )
         teacher = self._build_teacher()
+        self._note_precision()
         self.student = student = self._new_student()
         student.train()
         optimizer = make_adam(student.parameters(), cfg.lr, cfg.betas, self.device)
@@ -653,6 +674,7 @@ class ReverseDistillation(Method):
             "teacher_weights": self.teacher_weights,
             "seed": self.seed,
             "teacher_weights_id": self._weights_id(),
+            "precision": self._fit_precision,
             "student": {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()},
         }
 
@@ -664,6 +686,7 @@ class ReverseDistillation(Method):
         self.config = self.config_from_dict(state["config"])
         self.teacher_weights = state["teacher_weights"]
         self.seed = int(state["seed"])
+        self._fit_precision = state.get("precision")
         self.teacher = None
         teacher = self._build_teacher()
         if teacher.weights_id != state["teacher_weights_id"]:
@@ -687,12 +710,14 @@ class ReverseDistillation(Method):
         return weights_id(self.config.backbone, self.teacher_weights)
 
     def describe(self) -> dict[str, Any]:
-        """Base provenance + backbone, teacher weights id and whether it is paper-comparable."""
+        """Base provenance + backbone, teacher weights id, whether it is paper-comparable and
+        the precision the student ran in (that of the last fit, else the configured one)."""
         info = super().describe()
         wid = self._weights_id()
         info.update(
             backbone=self.config.backbone,
             teacher_weights_id=wid,
+            precision=self._fit_precision or precision_name(self.device, self.config.amp_bf16),
             # The paper's teacher (WRN50, ImageNet); the report judges the rest (size, epochs, caps).
             paper_teacher=self.config.backbone == "wide_resnet50_2"
             and wid.startswith("imagenet:"),

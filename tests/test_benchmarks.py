@@ -230,7 +230,7 @@ def test_summary_rows_medians_flops_and_ratio(monkeypatch):
 
 
 def test_mvtec_estimate():
-    assert gpu_check.mvtec_train_counts(0.0) == 3629  # PROTOCOL §1, 15 categories
+    assert gpu_check.mvtec_train_counts(0.0) == 3629  # docs/protocol.md §1, 15 categories
     assert gpu_check.mvtec_train_counts(0.1) == 3629 + 358  # + floor(0.1 n) per category
     train = {"rows": [{"row": "rd bf16", "method": "rd", "precision": "bf16",
                        "train_images_per_s": 250.0},

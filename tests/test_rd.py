@@ -19,6 +19,7 @@ from methods.rd import (
     build_student,
     flat_cosine,
     gaussian_blur,
+    precision_name,
     rd_loss,
 )
 
@@ -74,6 +75,44 @@ def test_student_output_shapes_match_the_teacher():
             feats = teacher(_images(1))
             out = student(feats)
         assert [f.shape for f in out] == [f.shape for f in feats]
+
+
+def _bn(module, x):
+    return F.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias)
+
+
+@pytest.mark.parametrize("up", [False, True])
+def test_residual_blocks_compute_the_resnet_formula(up):
+    """relu(main path + shortcut), with the main path's convs, norms and ReLUs in order."""
+    from methods.rd import _BasicBlock, _Bottleneck, _conv1x1, _deconv2x2
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4)
+    for block_type in (_BasicBlock, _Bottleneck):
+        out_ch = 4 * block_type.expansion
+        shortcut = torch.nn.Sequential(
+            _deconv2x2(8, out_ch) if up else _conv1x1(8, out_ch, 2), torch.nn.BatchNorm2d(out_ch))
+        block = block_type(8, 4, 2, shortcut, up=up, width_per_group=128).eval()
+        for m in block.modules():  # non-trivial statistics, so that each norm matters
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
+        with torch.no_grad():
+            if block_type is _BasicBlock:
+                main = F.relu(_bn(block.bn1, block.conv1(x)))
+                main = _bn(block.bn2, block.conv2(main))
+                assert block.conv1.out_channels == 4
+            else:
+                main = F.relu(_bn(block.bn1, block.conv1(x)))
+                main = F.relu(_bn(block.bn2, block.conv2(main)))
+                main = _bn(block.bn3, block.conv3(main))
+                assert block.conv1.out_channels == 8  # width = planes * 128 / 64
+            expected = F.relu(main + shortcut(x))
+            torch.testing.assert_close(block(x), expected)
+            assert isinstance(block.conv2 if block_type is _Bottleneck else block.conv1,
+                              torch.nn.ConvTranspose2d) == up
 
 
 def test_student_seed_is_reproducible_and_isolated():
@@ -238,6 +277,26 @@ def test_describe_marks_provenance():
     assert info["teacher_weights"] == "random" and info["teacher_weights_id"] == "random:seed=0"
     assert info["paper_teacher"] is False
     assert ReverseDistillation().describe()["paper_teacher"] is True
+
+
+def test_float32_by_default_and_the_record_names_the_precision(fitted, monkeypatch):
+    assert RDConfig().amp_bf16 is False  # bf16 is an opt-in speed switch
+    method, _ = fitted
+    assert method.describe()["precision"] == "float32"
+    assert precision_name("cpu", True) == "float32"  # autocast acts on CUDA only
+    assert precision_name("cuda", True) == "bf16-autocast"
+    assert precision_name("cuda", False) == "float32+tf32-conv"  # PyTorch's default
+    assert ReverseDistillation(device="cuda").describe()["precision"] == "float32+tf32-conv"
+    bf16 = ReverseDistillation(RDConfig(amp_bf16=True), device="cuda")
+    assert bf16.describe()["precision"] == "bf16-autocast"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert precision_name("cuda", False) == "float32"
+    # A restored model reports the precision it was trained in, not the one it runs in now.
+    assert method.state_dict()["precision"] == "float32"
+    state = {**method.state_dict(), "precision": "bf16-autocast"}
+    restored = ReverseDistillation()
+    restored.load_state_dict(state)
+    assert restored.describe()["precision"] == "bf16-autocast"
 
 
 def test_bad_image_sizes_are_user_errors():
