@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -428,9 +429,14 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"bad value {value!r} for {where}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"bad value {value!r} for {where}: expected a number") from None
+        if not math.isfinite(number):
+            # No config field means "unbounded" by inf, and NaN compares false with every
+            # bound a config checks: both would pass silently or fail deep inside a run.
+            raise UserError(f"bad value {value!r} for {where}: expected a finite number")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise UserError(f"bad value {value!r} for {where}: expected a string")
