@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
     from bench.records import write_json_atomic
 
     floors = _floors(args.floor)
+    # Where the command will write, checked before it compares anything.
+    if args.update:
+        regress.check_writable_file(args.baseline, "baseline")
+    if args.json:
+        regress.check_writable_file(args.json, "--json file")
     results = regress.Results.load(args.results)
     old = None
     if not args.update:
