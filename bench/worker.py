@@ -365,7 +365,19 @@ def _predict_test(spec: RunSpec, method, data: _RunData, device: str):
             f"{spec.method}.predict returned scores {scores.shape} and maps {maps.shape}; "
             f"expected ({n},) and ({n}, {h}, {w})"
         )
+    check_finite(spec.method, scores, maps, "test")
     return scores, maps, infer_s
+
+
+def check_finite(method: str, scores: np.ndarray, maps: np.ndarray, what: str) -> None:
+    """A prediction with NaN or inf would give metrics that look computed but mean nothing
+    (every rank comparison with NaN is false): the run fails instead, saying so."""
+    bad_scores = int(np.size(scores) - np.isfinite(scores).sum())
+    bad_pixels = int(np.size(maps) - np.isfinite(maps).sum())
+    if bad_scores or bad_pixels:
+        raise ValueError(f"{method}.predict returned non-finite values on the {what} images "
+                         f"({bad_scores} of {np.size(scores)} scores, {bad_pixels} of "
+                         f"{np.size(maps)} map pixels are NaN or inf)")
 
 
 def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> RunResult:
@@ -396,6 +408,7 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     # The training images, scored by the trained model: how much of the noise it absorbed.
     train_pred = method.predict(data.train_images)
     train_scores = np.asarray(train_pred.scores, dtype=np.float32)
+    check_finite(spec.method, train_scores, np.asarray(train_pred.maps), "training")
     train_masks = load_masks(data.split.train, data.preprocess, data.cache)
     metrics["train"], reasons["train"] = _metrics_or_nan(
         evaluate, train_scores, data.injected.astype(np.uint8),
