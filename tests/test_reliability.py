@@ -67,10 +67,21 @@ class ExitInFit(MeanDiff):
         sys.exit(self.config.code)
 
 
-try:
-    get_method_class(ExitInFit.name)
-except UserError:
-    register_method(ExitInFit)
+class NaNScores(MeanDiff):
+    """Predicts NaN scores: metrics of them would only look computed."""
+
+    name = "test-nan-scores"
+
+    def predict(self, images, batch_size=32):
+        prediction = super().predict(images, batch_size)
+        return type(prediction)(np.full_like(prediction.scores, np.nan), prediction.maps)
+
+
+for _cls in (ExitInFit, NaNScores):
+    try:
+        get_method_class(_cls.name)
+    except UserError:
+        register_method(_cls)
 
 
 def error_line(capsys) -> str:
@@ -451,6 +462,33 @@ def test_system_exit_in_fit_is_a_failed_record(synthetic_root, tmp_path):  # noq
     assert [s for s, _ in summary.failed] == specs[:1] and summary.ok == specs[1:]
     error = summary.failed[0][1]
     assert error["type"] == "SystemExit" and "sys.exit(3)" in error["message"]
+
+
+def test_a_prediction_with_nan_fails_the_run(synthetic_root, tmp_path):  # noqa: F811
+    record = run_one(make_spec(synthetic_root, method="test-nan-scores"),
+                     JobOptions(device="cpu")).record
+    assert record["status"] == "failed" and "non-finite" in record["error"]["message"]
+
+
+def test_a_dangling_link_is_an_error_not_a_smaller_set(data):
+    victim = sorted((data / "brick" / "train" / "good").iterdir())[0]
+    victim.unlink()
+    victim.symlink_to(data / "gone.png")
+    with pytest.raises(DataError, match="does not exist"):
+        load_category("synthetic", data, "brick")
+
+
+def test_a_twin_is_not_copied_from_a_damaged_source(synthetic_root, tmp_path, monkeypatch):  # noqa: F811
+    source = make_spec(synthetic_root, config={"epochs": 2})
+    twin = make_spec(synthetic_root, config={})  # the default epochs: the same training
+    run_sweep([source], tmp_path, options=JobOptions(device="cpu"), progress=False)
+    _truncate(run_dir(tmp_path, source.fingerprint) / SCORES_FILE)
+    fits = []
+    original = MeanDiff.fit
+    monkeypatch.setattr(MeanDiff, "fit", lambda self, train, observer=None: (
+        fits.append(1), original(self, train, observer))[1])
+    summary = run_sweep([twin], tmp_path, options=JobOptions(device="cpu"), progress=False)
+    assert fits == [1] and summary.reused == []
 
 
 _DRIVER = """
