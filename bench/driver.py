@@ -398,10 +398,18 @@ def check_data(specs: Sequence[RunSpec], verdicts=None, *, cache=None,
         # Decoded arrays are not kept, but a --cache-dir on disk serves the workers too.
         cache = ImageCache(cache_dir, max_memory_mb=0) if cache_dir else None
     workers = workers or min(8, os.cpu_count() or 1)
+    # Layouts first (a directory listing each): a missing folder stops before any decoding.
+    loaded = {key: load_category(*key) for key in sorted(groups)}
+    if say is not None:
+        pending = sum(1 for data in loaded.values() for s in [*data.train, *data.test]
+                      if verdicts is None or not verdicts.known(s))
+        if pending:
+            say(f"checking the data: decoding {pending} images (and their masks) the runs will "
+                f"read; a rerun skips the files that did not change")
     decoded = total = 0
     started = time.perf_counter()
     for (dataset, root, category), group in sorted(groups.items()):
-        data = load_category(dataset, root, category)
+        data = loaded[(dataset, root, category)]
         result = check_category(
             data, {(s.noise_ratio, s.split_seed) for s in group},
             {(s.resize_size, s.image_size) for s in group}, verdicts=verdicts, cache=cache,
@@ -409,9 +417,8 @@ def check_data(specs: Sequence[RunSpec], verdicts=None, *, cache=None,
         decoded += result.decoded
         total += result.samples
     if say is not None and decoded:
-        say(f"data checked: {len(groups)} categories, {decoded} of {total} images decoded "
-            f"({total - decoded} unchanged since they last decoded) in "
-            f"{time.perf_counter() - started:.1f} s")
+        say(f"  data checked: {len(groups)} categories, {decoded} of {total} images decoded "
+            f"in {time.perf_counter() - started:.1f} s")
     return decoded
 
 

@@ -37,6 +37,7 @@ import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
@@ -114,6 +115,13 @@ def check_tracking_store(uri: str, results: str | os.PathLike | None = None) -> 
             f"MLflow tracking server {uri} does not answer ({problem}, {HEALTH_TIMEOUT_S:g} s "
             f"timeout); start it, give another --tracking-uri, or pass --no-tracking to run "
             f"without tracking")
+    scheme = urllib.parse.urlsplit(uri).scheme
+    known = _store_schemes()
+    if len(scheme) > 1 and known is not None and scheme not in known:  # len 1: a Windows drive
+        raise UserError(
+            f"MLflow tracking URI {uri}: MLflow has no store for scheme {scheme!r} (it knows "
+            f"{', '.join(sorted(k for k in known if k))}); give another --tracking-uri or pass "
+            f"--no-tracking")
     if uri.startswith("sqlite:///"):
         database = Path(uri[len("sqlite:///"):])
         folder = database.parent if database.is_absolute() else (Path.cwd() / database).parent
@@ -123,6 +131,18 @@ def check_tracking_store(uri: str, results: str | os.PathLike | None = None) -> 
             raise UserError(
                 f"MLflow store {uri}: folder {folder} does not exist or is not writable; create "
                 f"it, give another --tracking-uri, or pass --no-tracking")
+
+
+def _store_schemes() -> set[str] | None:
+    """The URI schemes MLflow's tracking-store registry knows (plugins included), or None when
+    this MLflow does not expose it (then the first MLflow call says what is wrong)."""
+    _quiet_mlflow()
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        return set(utils._tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return None
 
 
 def ui_command(uri: str) -> str:

@@ -291,3 +291,15 @@ def test_a_rerun_finishes_what_a_killed_sweep_left_running(synthetic_root, tmp_p
     assert "no_overlap/i_auroc" in filled.data.metrics and filled.data.params["image_size"] == "32"
     assert {a.path for a in client.list_artifacts(filled.info.run_id)} >= {
         "record.json", "manifest.json"}
+
+
+def test_a_store_that_cannot_be_had_is_one_line_up_front(tmp_path):
+    from bench.errors import UserError
+    from bench.tracking import check_tracking_store
+
+    with pytest.raises(UserError, match="no store for scheme 'foo'"):
+        check_tracking_store("foo://bar")
+    with pytest.raises(UserError, match="does not exist or is not writable"):
+        check_tracking_store(f"sqlite:///{tmp_path / 'missing' / 'm.db'}")
+    check_tracking_store(f"sqlite:///{tmp_path / 'm.db'}")  # a folder that exists: fine
+    check_tracking_store(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", tmp_path / "results")
