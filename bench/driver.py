@@ -324,6 +324,11 @@ def check_sweep(specs: Sequence[RunSpec], settings: SweepSettings, results: Path
         check_folder(Path(settings.cache_dir).expanduser(), "image cache folder", "--cache-dir")
     check_not_running(results)
     check_geometry(specs)
+    if not remote:
+        from methods.backbones import check_weights_name
+
+        for weights in sorted({spec.teacher_weights for spec in specs}):
+            check_weights_name(weights)
     if settings.tracking:
         check_tracking_store(resolve_tracking_uri(results, settings.tracking_uri), results)
     executor = make_executor(settings.executor, settings.workers, settings.device,

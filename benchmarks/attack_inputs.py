@@ -381,11 +381,21 @@ preset_case("method image size 0",
             sub("methods: [toy]", "methods: [{name: toy, image_size: 0}]"), "image_size")
 preset_case("random teacher seed text", sub("teacher_weights: random", "teacher_weights: random:abc"),
             "random:abc")
+preset_case("teacher weights: a missing file, method without a teacher",
+            sub("teacher_weights: random", "teacher_weights: /no/such/weights.pth"),
+            "/no/such/weights.pth")
 preset_case("unknown category", sub("categories: [brick]", "categories: [bricks]"), "bricks")
 preset_case("category with ../", sub("categories: [brick]", "categories: ['../data/brick']"),
             "../data/brick")
-preset_case("data_root missing", lambda t: t + "data_root: /no/such/folder\n", "/no/such/folder",
-            extra=())
+
+
+@case("preset: data_root missing (no --data-root)")
+def _(ws):
+    where = ws.scratch("dataroot")
+    preset = ws.preset(where, PRESET + "data_root: /no/such/folder\n")
+    return refused(ws.cli("run", "--preset", str(preset), "--plugin", "attack_toy", "--results",
+                          str(where / "results"), "--no-tracking"), "/no/such/folder",
+                   absent=(where / "results",))
 
 
 @case("preset: not UTF-8")

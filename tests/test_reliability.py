@@ -419,6 +419,17 @@ def test_wrong_teacher_weights_stop_before_the_plan_is_written(data, tmp_path):
     assert not results.exists()
 
 
+@pytest.mark.parametrize("weights,needle", [("random:abc", "non-negative integer"),
+                                             ("/no/such/teacher.pth", "existing state_dict")])
+def test_teacher_weights_nothing_could_load_are_refused_for_any_method(weights, needle, data,
+                                                                       tmp_path):
+    """Even a method that loads no teacher: the weights are part of every run's spec."""
+    spec = dataclasses.replace(make_spec(data), teacher_weights=weights)
+    with pytest.raises(UserError, match=needle):
+        execute_sweep([spec], settings(tmp_path / "results"))
+    assert not (tmp_path / "results").exists()
+
+
 # --------------------------------------------------------------------------------------------
 # Faults
 
