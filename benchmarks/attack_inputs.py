@@ -392,10 +392,11 @@ preset_case("category with ../", sub("categories: [brick]", "categories: ['../da
 @case("preset: data_root missing (no --data-root)")
 def _(ws):
     where = ws.scratch("dataroot")
-    preset = ws.preset(where, PRESET + "data_root: /no/such/folder\n")
+    missing = where / "no" / "such" / "folder"
+    preset = ws.preset(where, PRESET.replace("synthetic", "mvtec") + f"data_root: {missing}\n")
     return refused(ws.cli("run", "--preset", str(preset), "--plugin", "attack_toy", "--results",
-                          str(where / "results"), "--no-tracking"), "/no/such/folder",
-                   absent=(where / "results",))
+                          str(where / "results"), "--no-tracking"), str(missing),
+                   absent=(where / "results", missing))
 
 
 @case("preset: not UTF-8")
@@ -489,8 +490,17 @@ flag_case("unknown option", ("--epochs", "3"), "--epochs")
 @case("run flag: --data-root missing")
 def _(ws):
     where = ws.scratch("root")
-    return refused(ws.run(where, data=Path("/no/such/data")), "/no/such/data",
-                   absent=(where / "results",))
+    missing = where / "no" / "such" / "data"
+    return refused(ws.run(where, data=missing), str(missing), absent=(where / "results", missing))
+
+
+@case("run flag: --data-root missing, mvtec preset")
+def _(ws):
+    where = ws.scratch("root")
+    missing = where / "no" / "such" / "data"
+    preset = ws.preset(where, PRESET.replace("synthetic", "mvtec"))
+    return refused(ws.run(where, preset=preset, data=missing), str(missing),
+                   absent=(where / "results", missing))
 
 
 @case("run flag: --data-root is a file")

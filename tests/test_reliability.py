@@ -368,6 +368,14 @@ def test_data_errors_stop_the_sweep_before_anything_is_written(damage, needle, d
     assert written(results) == ["keep.txt"]
 
 
+def test_a_missing_synthetic_data_root_is_refused_not_written(tmp_path, capsys):
+    preset = _preset(tmp_path, PRESET)
+    typo = tmp_path / "dta"
+    assert main(["run", "--preset", str(preset), "--plugin", "test_runner", "--data-root",
+                 str(typo), "--results", str(tmp_path / "r"), "--no-tracking"]) == 2
+    assert "does not exist" in error_line(capsys) and not typo.exists()
+
+
 def test_a_bad_geometry_stops_the_sweep_before_anything_is_written(data, tmp_path):
     results = tmp_path / "results"
     spec = dataclasses.replace(make_spec(data), image_size=0)
