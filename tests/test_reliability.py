@@ -483,10 +483,14 @@ def test_system_exit_in_fit_is_a_failed_record(synthetic_root, tmp_path):  # noq
     assert error["type"] == "SystemExit" and "sys.exit(3)" in error["message"]
 
 
-def test_a_prediction_with_nan_fails_the_run(synthetic_root, tmp_path):  # noqa: F811
-    record = run_one(make_spec(synthetic_root, method="test-nan-scores"),
+def test_a_prediction_with_nan_fails_the_run(data):
+    # No set with both classes (no normal test image, nothing injected): no metric is
+    # evaluated, so nothing else would look at the scores.
+    _without_normal_test_images(data, "brick")
+    record = run_one(make_spec(data, method="test-nan-scores", ratio=0.0),
                      JobOptions(device="cpu")).record
-    assert record["status"] == "failed" and "non-finite" in record["error"]["message"]
+    assert record["status"] == "failed" and "non-finite values on the test" in \
+        record["error"]["message"]
 
 
 def test_a_dangling_link_is_an_error_not_a_smaller_set(data):
