@@ -422,7 +422,7 @@ def check_data(specs: Sequence[RunSpec], verdicts=None, *, cache=None,
         decoded += result.decoded
         total += result.samples
     if say is not None and decoded:
-        say(f"  data checked: {len(groups)} categories, {decoded} of {total} images decoded "
+        say(f"data checked: {len(groups)} categories, {decoded} of {total} images decoded "
             f"in {time.perf_counter() - started:.1f} s")
     return decoded
 
