@@ -1132,7 +1132,7 @@ regress_case("baseline not UTF-8", lambda ws, w: ["--results", str(w), "--baseli
                                                   str(_baseline(w, b"\xff\xfe"))], "not valid")
 regress_case("baseline other schema", lambda ws, w: ["--results", str(w), "--baseline",
                                                      str(_baseline(w, '{"schema": "x"}'))],
-             "schema")
+             "fuad-bench-baseline/1")
 regress_case("baseline mangled groups", lambda ws, w: ["--results", str(w), "--baseline", str(
     _baseline(w, json.dumps({**json.loads(BASELINE.read_text()), "groups": [{"key": 1}]})))],
     "field")
