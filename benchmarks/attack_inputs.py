@@ -196,9 +196,13 @@ class Workspace:
         return path
 
     def popen(self, *args: str, **kw) -> subprocess.Popen:
+        # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring
+        # it: give the command the default, as a terminal's Ctrl-C would find it.
         return subprocess.Popen([PYTHON, str(REPO / "run_benchmark.py"), *args], cwd=self.root,
                                 env={**self.env, **kw.pop("env", {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, **kw)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                                **kw)
 
     def cli(self, *args: str, timeout: float = TIMEOUT_S, env: dict | None = None) -> Result:
         started = time.time()
