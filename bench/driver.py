@@ -345,8 +345,23 @@ def check_sweep(specs: Sequence[RunSpec], settings: SweepSettings, results: Path
         cache = image_cache(settings.cache_dir) if settings.executor == "local" else None
         check_data(leaders, checked.verdicts, cache=cache, cache_dir=settings.cache_dir,
                    say=say)
+        check_method_geometry(leaders)
         check_teacher_weights(leaders)
     return checked
+
+
+def check_method_geometry(specs) -> None:
+    """Each method's own limits on the image size of the runs ``specs`` (those that will
+    train): :meth:`methods.base.Method.geometry_check`, once per method, config and size."""
+    from methods.base import get_method_class
+
+    seen = set()
+    for spec in specs:
+        method, config = resolved_config(spec)
+        key = (method, repr(config), spec.image_size, spec.resize_size)
+        if key not in seen:
+            seen.add(key)
+            get_method_class(method).geometry_check(config, spec.image_size, spec.resize_size)
 
 
 def check_folder(path: Path, what: str, option: str) -> None:

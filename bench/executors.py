@@ -218,6 +218,10 @@ class ProcessExecutor:
         )
 
     def run(self, specs: Sequence[RunSpec], options: JobOptions) -> Iterator[tuple[RunSpec, RunResult]]:
+        if not specs:
+            return
+        # More workers than runs would only start idle processes (each imports torch).
+        self.workers = min(self.workers, len(specs))
         options = _replace(options, progress=False, threads=options.threads or self._threads())
         with tempfile.TemporaryDirectory(prefix="fuad-gpu-slots-") as slots_dir:
             queue = list(specs)

@@ -121,7 +121,7 @@ def load_preset(name: str) -> Preset:
     """Read and validate a preset by name (or YAML path)."""
     path = preset_path(name)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise UserError(f"preset {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
                         f"position {err.start}); save it as UTF-8") from None
@@ -167,6 +167,27 @@ def load_preset(name: str) -> Preset:
         config=dict(config),
         data_root=str(raw["data_root"]) if raw.get("data_root") else None,
     )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last value in silence, and a preset that sets ``noise_ratios`` twice means one
+    of them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                    f"keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _as_list(value: Any, where: str, key: str) -> list:

@@ -105,9 +105,10 @@ def check_tracking_store(uri: str, results: str | os.PathLike | None = None) -> 
             with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):
                 return
         except urllib.error.HTTPError as err:
-            if err.code < 500:  # it answers: an auth wall or a proxy path is the server's say
+            if err.code in (401, 403):  # an MLflow server behind an auth wall answers so
                 return
-            problem = f"HTTP {err.code}"
+            problem = (f"HTTP {err.code} on /health: something answers there, but not an MLflow "
+                       f"server" if err.code < 500 else f"HTTP {err.code}")
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
             problem = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__

@@ -150,6 +150,15 @@ class Method(abc.ABC):
         return None
 
     @classmethod
+    def geometry_check(cls, config: Any, image_size: int, resize_size: int) -> None:
+        """Raise a one-line UserError when this method cannot run on images cropped to
+        ``image_size`` (e.g. a network that halves the resolution five times needs multiples
+        of 32). The driver calls it for the runs that will train, before any of them starts,
+        so the sweep stops with exit 2 instead of failing each run; ``fit`` may check again.
+        The default accepts every size."""
+        return None
+
+    @classmethod
     def config_from_dict(cls, values: Mapping[str, Any]) -> Any:
         """The config saved in a state_dict or record (JSON lists back to tuples, types checked)."""
         return build_config(cls.Config, values, cls.name)

@@ -77,7 +77,18 @@ class NaNScores(MeanDiff):
         return type(prediction)(np.full_like(prediction.scores, np.nan), prediction.maps)
 
 
-for _cls in (ExitInFit, NaNScores):
+class Multiple16(MeanDiff):
+    """Runs only on crops that are multiples of 16, and says so before a sweep starts."""
+
+    name = "test-multiple-16"
+
+    @classmethod
+    def geometry_check(cls, config, image_size, resize_size):
+        if image_size % 16:
+            raise UserError(f"test-multiple-16: crop {image_size} is not a multiple of 16")
+
+
+for _cls in (ExitInFit, NaNScores, Multiple16):
     try:
         get_method_class(_cls.name)
     except UserError:
@@ -205,6 +216,14 @@ PRESET = """\
     resize_size: 32
     teacher_weights: random
 """
+
+
+def test_a_preset_key_given_twice_is_refused(tmp_path):
+    from bench.sweep import load_preset
+
+    path = _preset(tmp_path, PRESET + "    noise_ratios: [0.1]\n")
+    with pytest.raises(UserError, match="'noise_ratios' is given twice"):
+        load_preset(str(path))
 
 
 def test_a_method_listed_twice_with_two_configs_runs_both(tmp_path):
@@ -382,6 +401,26 @@ def test_a_bad_geometry_stops_the_sweep_before_anything_is_written(data, tmp_pat
     with pytest.raises(UserError, match="crop 0"):
         execute_sweep([spec], settings(results))
     assert not results.exists()
+
+
+def test_a_method_that_cannot_run_at_the_geometry_stops_the_sweep_first(data, tmp_path):
+    results = tmp_path / "results"
+    spec = dataclasses.replace(make_spec(data, method="test-multiple-16"), image_size=24,
+                               resize_size=32)
+    with pytest.raises(UserError, match="crop 24 is not a multiple of 16"):
+        execute_sweep([spec], settings(results))
+    assert not results.exists()
+
+
+def test_processes_start_no_more_workers_than_runs(synthetic_root, monkeypatch):  # noqa: F811
+    from bench.executors import ProcessExecutor
+
+    pools = []
+    monkeypatch.setattr(ProcessExecutor, "_drain", lambda self, queue, options, workers, *a:
+                        (pools.append(workers), queue.clear(), iter(()))[2])
+    executor = ProcessExecutor(8, "cpu")
+    assert list(executor.run([make_spec(synthetic_root)], JobOptions(device="cpu"))) == []
+    assert pools == [1] and executor._threads() == max(1, os.cpu_count() or 1)
 
 
 def test_the_infeasible_ratio_line_is_whole_and_names_run_options(data, tmp_path, capsys):

@@ -303,3 +303,19 @@ def test_a_store_that_cannot_be_had_is_one_line_up_front(tmp_path):
         check_tracking_store(f"sqlite:///{tmp_path / 'missing' / 'm.db'}")
     check_tracking_store(f"sqlite:///{tmp_path / 'm.db'}")  # a folder that exists: fine
     check_tracking_store(f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}", tmp_path / "results")
+
+
+def test_an_http_server_that_is_not_mlflow_is_refused(tmp_path):
+    import http.server
+    import threading
+
+    from bench.errors import UserError
+    from bench.tracking import check_tracking_store
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="HTTP 404 on /health.*not an MLflow server"):
+            check_tracking_store(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
