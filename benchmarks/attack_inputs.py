@@ -123,7 +123,19 @@ class ToyOOM(Toy):
         raise MemoryError("pretend the host is out of memory")
 
 
-for cls in (Toy, ToyExit, ToyDie, ToyNaN, ToyOOM):
+class Toy16(Toy):
+    """Runs on crops that are multiples of 16 only, and says so before a sweep starts."""
+    name = "toy16"
+
+    @classmethod
+    def geometry_check(cls, config, image_size, resize_size):
+        from bench.errors import UserError
+
+        if image_size % 16:
+            raise UserError(f"toy16: crop {image_size} is not a multiple of 16; use e.g. 32")
+
+
+for cls in (Toy, ToyExit, ToyDie, ToyNaN, ToyOOM, Toy16):
     register_method(cls)
 '''
 
@@ -403,6 +415,9 @@ def _(ws):
                    absent=(where / "results", missing))
 
 
+preset_case("a key given twice", lambda t: t + "noise_ratios: [0.1]\n", "given twice")
+
+
 @case("preset: not UTF-8")
 def _(ws):
     where = ws.scratch("latin1")
@@ -489,6 +504,45 @@ flag_case("--set Literal wrong", ("--methods", "rd", "--set", "rd.backbone=vgg")
 flag_case("--set tuple wrong length", ("--methods", "rd", "--set", "rd.betas=0.5"), "betas")
 flag_case("--set tuple with nan", ("--methods", "rd", "--set", "rd.betas=0.5,nan"), "finite")
 flag_case("unknown option", ("--epochs", "3"), "--epochs")
+flag_case("--set cdd.gaussian_sigma=nan", ("--methods", "cdd", "--set", "cdd.backbone=resnet18",
+                                           "--set", "cdd.gaussian_sigma=nan"), "finite")
+flag_case("--set rd.epochs=0", ("--methods", "rd", "--set", "rd.backbone=resnet18", "--set",
+                                "rd.epochs=0"), "epochs")
+flag_case("--set rd.lr=-1", ("--methods", "rd", "--set", "rd.backbone=resnet18", "--set",
+                             "rd.lr=-1"), "lr")
+flag_case("--set rd.max_steps=nan", ("--methods", "rd", "--set", "rd.max_steps=nan"), "max_steps")
+flag_case("--set rd.betas=1.5,0.9", ("--methods", "rd", "--set", "rd.backbone=resnet18", "--set",
+                                     "rd.betas=1.5,0.9", "--set", "rd.epochs=1"), "betas")
+flag_case("a crop the method cannot run at", ("--methods", "toy16", "--image-size", "24",
+                                              "--resize-size", "32"), "multiple of 16")
+flag_case("RD at a crop not a multiple of 32", ("--methods", "rd", "--set", "rd.backbone=resnet18",
+                                                "--set", "rd.epochs=1", "--image-size", "48",
+                                                "--resize-size", "48"), "multiple of 32")
+flag_case("--executor ray, unreachable --ray-address",
+          ("--executor", "ray", "--ray-address", "127.0.0.1:1"), "127.0.0.1:1")
+
+
+@case("run flag: --workers 64 for one run (accepted, 1 worker)")
+def _(ws):
+    where = ws.scratch("workers")
+    result = ws.run(where, "--executor", "processes", "--workers", "64")
+    return accepted(result, lambda: None if len(_done(where / "results")) == 1 else "no run done")
+
+
+@case("run flag: --tracking-uri a web server that is not MLflow")
+def _(ws):
+    import http.server
+    import threading
+
+    where = ws.scratch("web")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = ws.run(where, "--tracking-uri", f"http://127.0.0.1:{server.server_address[1]}",
+                        tracking=True)
+    finally:
+        server.shutdown()
+    return refused(result, "not an MLflow server", absent=(where / "results",))
 
 
 @case("run flag: --data-root missing")
@@ -580,6 +634,21 @@ def _(ws):
     where = ws.scratch("scheme")
     return refused(ws.run(where, "--tracking-uri", "foo://bar", tracking=True), "foo://bar",
                    absent=(where / "results",))
+
+
+def _quiet_handler():
+    import http.server
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server name
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+    return Quiet
+
+
+_Quiet = _quiet_handler()
 
 
 def plugin_case(name: str, source: str, needle: str):
@@ -1532,6 +1601,28 @@ def _(ws):
 @case("MLflow server frozen (SIGSTOP) mid-sweep", "fault")
 def _(ws):
     return _server_fault(ws, "server-frozen", signal.SIGSTOP)
+
+
+@case("two sweeps on two folders, one new SQLite store", "fault")
+def _(ws):
+    where = ws.scratch("shared-store")
+    preset = ws.preset(where, PRESET)
+    uri = f"sqlite:///{where / 'shared.db'}"
+    procs = [ws.popen("run", "--preset", str(preset), "--plugin", "attack_toy", "--data-root",
+                      str(ws.data), "--results", str(where / f"r{i}"), "--no-report",
+                      "--tracking-uri", uri) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs):
+        if "Traceback" in err:
+            return "traceback", _last_error(err)
+        if proc.returncode != 0:
+            return "wrong exit code", f"exit {proc.returncode}: {_last_error(err)}"
+        if "MLflow tracking" in err:
+            return "stuck tracking", next(ln for ln in err.splitlines() if "MLflow" in ln)
+    running, finished = _mlflow_state(uri)
+    if running or sum(finished.values()) != 2:
+        return "stuck tracking", f"running {running}, finished {dict(finished)}"
+    return "handled", "both sweeps tracked, the store created once"
 
 
 def _method_fault(name: str, method: str, needle: str, extra: tuple[str, ...] = ()):
