@@ -333,6 +333,8 @@ def check_sweep(specs: Sequence[RunSpec], settings: SweepSettings, results: Path
         check_tracking_store(resolve_tracking_uri(results, settings.tracking_uri), results)
     executor = make_executor(settings.executor, settings.workers, settings.device,
                              settings.ray_address)
+    if hasattr(executor, "check"):  # e.g. Ray installed, its cluster reachable
+        executor.check()
     todo, _ = partition(specs, results, settings.force)
     leaders = twins.plan_reuse(todo, results, enabled=settings.reuse,
                                use_disk=not settings.force).leaders

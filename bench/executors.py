@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -34,6 +35,7 @@ from bench.util import first_line
 from bench.worker import JobOptions, RunResult, failed_record, run_one
 
 EXECUTORS = ("local", "processes", "ray")
+RAY_CONNECT_TIMEOUT_S = 5.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -297,13 +299,37 @@ class RayExecutor:
         self.device = device
         self.address = address
 
-    def _init(self):
-        """Connect (or start a local Ray); returns whether this executor started it."""
+    def check(self) -> None:
+        """Before a sweep writes anything: Ray is installed, and a cluster address given as
+        ``host:port`` (or ``ray://host:port``) accepts a connection within a few seconds (Ray
+        itself would keep retrying for minutes)."""
+        self._import()
+        if not self.address or self.address in ("auto", "local"):
+            return
+        target = self.address.split("://", 1)[-1]
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--ray-address {self.address!r}: expected host:port, "
+                            f"ray://host:port or auto")
+        try:
+            with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+                pass
+        except OSError as err:
+            raise UserError(f"Ray cluster at {self.address} does not answer ({err}); start it "
+                            f"or check --ray-address") from None
+
+    @staticmethod
+    def _import():
         try:
             import ray
         except ImportError:
             raise UserError("the ray executor needs Ray: pip install 'ray>=2.9' "
                             "(or the project's [ray] extra)") from None
+        return ray
+
+    def _init(self):
+        """Connect (or start a local Ray); returns whether this executor started it."""
+        ray = self._import()
         if ray.is_initialized():
             return ray, False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

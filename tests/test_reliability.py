@@ -622,3 +622,18 @@ def test_decode_verdicts_make_a_rerun_cheap_and_notice_changes(data, tmp_path):
     Image.new("RGB", (32, 32)).save(buf, format="PNG")
     victim.write_bytes(buf.getvalue())
     assert check_data(specs, stale) == 1
+
+
+def test_an_unreachable_ray_cluster_is_one_line_before_anything(synthetic_root, tmp_path):  # noqa: F811
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    results = tmp_path / "results"
+    started = time.time()
+    with pytest.raises(UserError, match="does not answer"):
+        execute_sweep([make_spec(synthetic_root)], settings(
+            results, executor="ray", ray_address=f"127.0.0.1:{port}"))
+    assert time.time() - started < 30 and not results.exists()
