@@ -444,7 +444,7 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
         if not math.isfinite(number):
             # No config field means "unbounded" by inf, and NaN compares false with every
             # bound a config checks: both would pass silently or fail deep inside a run.
-            raise UserError(f"bad value {value!r} for {where}: expected a finite number")
+            raise UserError(f"{where}={value} must be a finite number, not NaN or infinite")
         return number
     if annotation is str:
         if not isinstance(value, str):

@@ -303,7 +303,7 @@ def test_a_malformed_manifest_entry_is_one_line(mutate, needle, synthetic_root, 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "1e999"])
 def test_non_finite_config_values_are_refused(value):
-    with pytest.raises(UserError, match="expected a finite number"):
+    with pytest.raises(UserError, match=f"rd.lr={value} must be a finite number"):
         make_config("rd", {"lr": value})
     with pytest.raises(UserError, match="expected an integer"):
         make_config("rd", {"epochs": value})
