@@ -453,6 +453,8 @@ def test_a_file_where_a_folder_belongs_is_one_line(data, tmp_path, capsys):
     assert main(["regress", "--results", str(tmp_path), "--baseline", str(tmp_path),
                  "--update"]) == 2
     assert "is a folder" in error_line(capsys)
+    assert main(["report", "--results", str(a_file)]) == 2
+    assert "--results" in (line := error_line(capsys)) and "is a file" in line
 
 
 def test_wrong_teacher_weights_stop_before_the_plan_is_written(data, tmp_path):
