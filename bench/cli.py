@@ -2,7 +2,9 @@
 
 Each command lives in its own module under :mod:`bench.commands` and exposes ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. With no command at all, the demo runs.
-User errors (:class:`bench.errors.UserError`) print one line to stderr and exit with code 2.
+User errors (:class:`bench.errors.UserError`) print one line to stderr and exit with code 2;
+``--debug`` (before or after the command) also prints the traceback behind that line, e.g. the
+one a plugin raised while it was imported.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 from bench.errors import UserError
 
@@ -36,12 +39,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fully unsupervised anomaly detection benchmark (RD, CDD and baselines). "
         "With no command, runs the demo benchmark on synthetic data.",
     )
+    debug_help = "also print the traceback behind an error line (for a bug report)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, module in _command_modules():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
+        # SUPPRESS: a --debug before the command is not reset by the command's parser.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=debug_help)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _print_traceback(err: BaseException) -> None:
+    """The traceback of ``err`` with the exceptions behind it, even those a one-line error
+    hid with ``raise ... from None``."""
+    seen, current = set(), err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__suppress_context__ = False
+        current = current.__cause__ or current.__context__
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,14 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv:
         argv = ["demo"]
+    if argv == ["--debug"]:
+        argv.append("demo")
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(args._run(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        if debug:
+            _print_traceback(err)
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -76,4 +100,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err.strerror or type(err).__name__} ({err.filename}); check the path "
               f"and its permissions", file=sys.stderr)
+        if debug:
+            _print_traceback(err)
         return 2

@@ -2,23 +2,28 @@
 
 Workers compute (:mod:`bench.worker`, one spec -> one result, no files written); this module
 is the single writer. :func:`execute_sweep` is a whole ``run`` command without its argument
-parsing: it checks what can be checked before anything is written (device, workers, teacher
-weights of the runs that will train), writes the sweep plan, sets up MLflow tracking, runs the
-sweep (:func:`run_sweep`) and renders the report.
+parsing. Before it writes anything it checks what can be checked (:func:`check_sweep`: device,
+workers, folders, the tracking server, and for the runs that will train their geometry, their
+data, every file decoded, and their teacher weights), so bad input stops with one line and an
+untouched results folder. Then it takes the results folder's lock (one sweep per folder:
+:func:`results_lock`), writes the sweep plan, sets up MLflow tracking (finishing what a killed
+sweep left ``RUNNING``), runs the sweep (:func:`run_sweep`) and renders the report.
 
-:func:`run_sweep` skips runs that already have a complete record with the same fingerprint
-(unless forced), shares trainings between specs that train the same thing (:mod:`bench.twins`),
-hands the rest to an executor (:mod:`bench.executors`) and, as each result streams back, writes
-it atomically (scores and manifest first, the record last: the record is the done marker) and
-logs it to MLflow. Ctrl-C leaves finished runs complete and no partial record.
+:func:`run_sweep` skips runs that are already done (unless forced), shares trainings between
+specs that train the same thing (:mod:`bench.twins`), hands the rest to an executor
+(:mod:`bench.executors`) and, as each result streams back, writes it atomically (scores and
+manifest first, the record last, listing their sizes and hashes: the record is the done marker)
+and logs it to MLflow. Ctrl-C leaves finished runs complete and no partial record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,10 +36,12 @@ from bench.errors import UserError
 from bench.executors import LocalExecutor, make_executor
 from bench.identity import resolved_config
 from bench.records import (
+    FILES_KEY,
     MANIFEST_FILE,
     RECORD_FILE,
     SCORES_FILE,
-    is_complete,
+    file_entry,
+    is_done,
     load_record,
     run_dir,
     write_bytes_atomic,
@@ -42,11 +49,16 @@ from bench.records import (
 )
 from bench.spec import RunSpec
 from bench.util import first_line, utc_timestamp
-from bench.worker import JobOptions, RunResult, resolve_device
+from bench.worker import JobOptions, RunResult, image_cache, resolve_device
+
+LOCK_FILE = "sweep.lock"
+OWNER_FILE = "sweep-owner.json"
+DATA_CHECK_FILE = "data-check.json"
 
 
 def write_result(results: str | os.PathLike, result: RunResult) -> Path:
-    """Store a result: files first, the record last (the record is the done marker)."""
+    """Store a result: files first, the record last, listing each file's size and SHA-256
+    (the record is the done marker, and says what a whole run folder holds)."""
     folder = run_dir(results, result.record["fingerprint"])
     folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / RECORD_FILE
@@ -55,21 +67,25 @@ def write_result(results: str | os.PathLike, result: RunResult) -> Path:
         os.unlink(record_path)
     except FileNotFoundError:
         pass
-    if result.scores is not None:
-        write_bytes_atomic(folder / SCORES_FILE, result.scores)
-    if result.manifest is not None:
-        write_bytes_atomic(folder / MANIFEST_FILE, result.manifest)
-    write_json_atomic(record_path, result.record)
+    files = {}
+    for name, data in ((SCORES_FILE, result.scores), (MANIFEST_FILE, result.manifest)):
+        if data is not None:
+            write_bytes_atomic(folder / name, data)
+            files[name] = file_entry(data)
+    write_json_atomic(record_path, {**result.record, FILES_KEY: files})
     return folder
 
 
 def partition(specs: Sequence[RunSpec], results: str | os.PathLike,
               force: bool = False) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(to run, already done): done = a complete record with the same fingerprint."""
+    """(to run, already done): done = a complete record with the same fingerprint whose files
+    are whole (:func:`bench.records.is_done`); a truncated ``scores.npz`` runs again."""
     todo, done = [], []
     for spec in specs:
-        record = load_record(run_dir(results, spec.fingerprint) / RECORD_FILE)
-        complete = is_complete(record) and record.get("fingerprint") == spec.fingerprint
+        folder = run_dir(results, spec.fingerprint)
+        record = load_record(folder / RECORD_FILE)
+        complete = (record is not None and record.get("fingerprint") == spec.fingerprint
+                    and is_done(folder, record))
         (done if complete and not force else todo).append(spec)
     return todo, done
 
@@ -103,8 +119,9 @@ class SweepSummary:
 
 
 def _error_line(error: Mapping[str, Any]) -> str:
-    """``Type: first line``; a UserError's line says what to do (often with a path): never cut."""
-    limit = None if error.get("type") == "UserError" else 200
+    """``Type: first line``; a UserError's line (DataError too) says what to do, often with a
+    path: never cut."""
+    limit = None if error.get("user_error") or error.get("type") == "UserError" else 200
     return f"{error.get('type')}: {first_line(error.get('message', ''), limit)}"
 
 
@@ -231,50 +248,246 @@ class SweepOutcome:
 
 def execute_sweep(specs: Sequence[RunSpec], settings: SweepSettings,
                   say: Callable[[str], None] = print) -> SweepOutcome:
-    """Run ``specs`` as ``settings`` say; ``say`` receives the lines a user should read."""
+    """Run ``specs`` as ``settings`` say; ``say`` receives the lines a user should read.
+
+    Bad input raises a one-line :class:`UserError` before anything is written (see the module
+    docstring); a second sweep on a results folder that one is running on stops the same way.
+    """
     from bench.tracking import Tracker, resolve_tracking_uri
+
+    results = Path(settings.results).expanduser().resolve()
+    checked = check_sweep(specs, settings, results, say)
+    uri = resolve_tracking_uri(results, settings.tracking_uri)
+    weights = specs[0].teacher_weights if specs else ""
+    with results_lock(results, settings.command):
+        if checked.verdicts is not None:
+            checked.verdicts.save()
+        say(f"sweep {settings.name}: {settings.description}")
+        say(f"  {len(specs)} runs on {settings.executor} (device {settings.device}); results "
+            f"{results}")
+        if weights.startswith("random"):
+            say("  teacher: randomly initialised (seeded) -- numbers are NOT comparable with the "
+                "paper; use --teacher-weights imagenet for that")
+        write_sweep_plan(results, settings.name, settings.preset, specs)
+        tracker = None
+        if settings.tracking:
+            tracker = Tracker(uri, settings.name, results_dir=results, sweep_info={
+                "name": f"{settings.name} ({len(specs)} runs)", "preset": settings.preset,
+                "executor": settings.executor, "device": settings.device,
+                "teacher_weights": weights, "command": settings.command,
+            })
+            # We hold the folder's lock: a RUNNING run of this folder is a dead sweep's.
+            tracker.reconcile(results, say=say)
+        options = JobOptions(device=settings.device, sweep=settings.name,
+                             plugins=settings.plugins, cache_dir=settings.cache_dir)
+        with _sigterm_as_interrupt():
+            summary = run_sweep(specs, results, executor=checked.executor, options=options,
+                                tracker=tracker, force=settings.force, reuse=settings.reuse)
+        for line in summary.lines():
+            say(line)
+        outcome = SweepOutcome(summary, results, tracking_uri=uri if tracker else None)
+        if settings.report:
+            outcome.report, outcome.report_failed = render_report(results)
+            if outcome.report is not None and tracker is not None:
+                tracker.log_report(outcome.report.parent)
+    return outcome
+
+
+@dataclass
+class CheckedSweep:
+    """What :func:`check_sweep` found and built: the executor, and the decode verdicts to keep
+    once the sweep holds its folder (None when the data was not checked here)."""
+
+    executor: Any
+    verdicts: Any = None
+
+
+def check_sweep(specs: Sequence[RunSpec], settings: SweepSettings, results: Path,
+                say: Callable[[str], None] = print) -> CheckedSweep:
+    """Everything a sweep can check before it writes anything; the first problem raises a
+    one-line :class:`UserError`. Reads only (records, data, weights).
+
+    The runs that will train are those :func:`partition` and :func:`bench.twins.plan_reuse`
+    leave to an executor; their data and teacher weights are checked, not those of runs that
+    are done or copied. A cluster's nodes (``--ray-address``) may hold data and weights this
+    machine lacks: those are not checked then.
+    """
+    from bench.tracking import check_tracking_store, resolve_tracking_uri
 
     if settings.workers is not None and settings.workers < 1:
         raise UserError(f"--workers must be at least 1, got {settings.workers}")
     remote = settings.executor == "ray" and bool(settings.ray_address)
     if not remote:
         resolve_device(settings.device)  # fail early on --device cuda without a GPU
-    results = Path(settings.results).resolve()
-    results.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(results, settings.tracking_uri)
-    weights = specs[0].teacher_weights if specs else ""
-    say(f"sweep {settings.name}: {settings.description}")
-    say(f"  {len(specs)} runs on {settings.executor} (device {settings.device}); results "
-        f"{results}")
-    if weights.startswith("random"):
-        say("  teacher: randomly initialised (seeded) -- numbers are NOT comparable with the "
-            "paper; use --teacher-weights imagenet for that")
-    write_sweep_plan(results, settings.name, settings.preset, specs)
-    tracker = None
+    check_folder(results, "results folder", "--results")
+    if settings.cache_dir is not None:
+        check_folder(Path(settings.cache_dir).expanduser(), "image cache folder", "--cache-dir")
+    check_not_running(results)
+    check_geometry(specs)
+    if not remote:
+        from methods.backbones import check_weights_name
+
+        for weights in sorted({spec.teacher_weights for spec in specs}):
+            check_weights_name(weights)
     if settings.tracking:
-        tracker = Tracker(uri, settings.name, sweep_info={
-            "name": f"{settings.name} ({len(specs)} runs)", "preset": settings.preset,
-            "executor": settings.executor, "device": settings.device,
-            "teacher_weights": weights, "command": settings.command,
-        })
-    options = JobOptions(device=settings.device, sweep=settings.name, plugins=settings.plugins,
-                         cache_dir=settings.cache_dir)
+        check_tracking_store(resolve_tracking_uri(results, settings.tracking_uri), results)
     executor = make_executor(settings.executor, settings.workers, settings.device,
                              settings.ray_address)
-    # Teacher weights that cannot be had (offline, wrong file) stop the sweep once, not every
-    # run. A remote cluster's nodes may hold weights this machine lacks: not checked then.
-    with _sigterm_as_interrupt():
-        summary = run_sweep(specs, results, executor=executor, options=options,
-                            tracker=tracker, force=settings.force, reuse=settings.reuse,
-                            preflight=None if remote else check_teacher_weights)
-    for line in summary.lines():
-        say(line)
-    outcome = SweepOutcome(summary, results, tracking_uri=uri if tracker else None)
-    if settings.report:
-        outcome.report, outcome.report_failed = render_report(results)
-        if outcome.report is not None and tracker is not None:
-            tracker.log_report(outcome.report.parent)
-    return outcome
+    if hasattr(executor, "check"):  # e.g. Ray installed, its cluster reachable
+        executor.check()
+    todo, _ = partition(specs, results, settings.force)
+    leaders = twins.plan_reuse(todo, results, enabled=settings.reuse,
+                               use_disk=not settings.force).leaders
+    checked = CheckedSweep(executor)
+    if not remote and leaders:
+        from datasets import DecodeVerdicts
+
+        checked.verdicts = DecodeVerdicts(results / DATA_CHECK_FILE)
+        # A local sweep's runs read the images the check decoded from the same cache.
+        cache = image_cache(settings.cache_dir) if settings.executor == "local" else None
+        check_data(leaders, checked.verdicts, cache=cache, cache_dir=settings.cache_dir,
+                   say=say)
+        check_method_geometry(leaders)
+        check_teacher_weights(leaders)
+    return checked
+
+
+def check_method_geometry(specs) -> None:
+    """Each method's own limits on the image size of the runs ``specs`` (those that will
+    train): :meth:`methods.base.Method.geometry_check`, once per method, config and size."""
+    from methods.base import get_method_class
+
+    seen = set()
+    for spec in specs:
+        method, config = resolved_config(spec)
+        key = (method, repr(config), spec.image_size, spec.resize_size)
+        if key not in seen:
+            seen.add(key)
+            get_method_class(method).geometry_check(config, spec.image_size, spec.resize_size)
+
+
+def check_folder(path: Path, what: str, option: str) -> None:
+    """``path`` is a folder or can be made one: not a file, and its nearest existing ancestor
+    a writable folder. Creates nothing."""
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{what} {path} is a file, not a folder; give a folder with {option}")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {path} is not writable; give another folder with {option}")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {ancestor} is a file; give another "
+                        f"folder with {option}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be created: {ancestor} is not writable; give "
+                        f"another folder with {option}")
+
+
+def check_geometry(specs: Sequence[RunSpec]) -> None:
+    """Every run's resize and crop make a valid :class:`datasets.Preprocess`."""
+    from datasets import Preprocess
+
+    for resize, crop in sorted({(s.resize_size, s.image_size) for s in specs}):
+        try:
+            Preprocess(resize=resize, crop=crop)
+        except UserError as err:
+            raise UserError(f"image geometry resize {resize} / crop {crop}: {err} (--image-size,"
+                            f" --resize-size or the preset's image_size/resize_size)") from None
+
+
+# What a run's split error says to do, in ``run``'s words (the library's default names no
+# command-line option).
+RUN_INFEASIBLE_ADVICE = ("lower --noise-ratios to at most {largest}, or leave the category out "
+                         "with --categories")
+
+
+def check_data(specs: Sequence[RunSpec], verdicts=None, *, cache=None,
+               cache_dir: str | None = None, workers: int | None = None,
+               say: Callable[[str], None] | None = None) -> int:
+    """Check the data of every distinct (dataset, data root, category) ``specs`` read: the
+    category loads, each split they draw is feasible, every image and mask decodes at their
+    geometry (:func:`datasets.check_category`). Returns how many files were decoded (the others
+    had a verdict in ``verdicts``)."""
+    from datasets import ImageCache, check_category, load_category
+
+    groups: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault((spec.dataset, spec.data_root, spec.category), []).append(spec)
+    if cache is None:
+        # Decoded arrays are not kept, but a --cache-dir on disk serves the workers too.
+        cache = ImageCache(cache_dir, max_memory_mb=0) if cache_dir else None
+    workers = workers or min(8, os.cpu_count() or 1)
+    # Layouts first (a directory listing each): a missing folder stops before any decoding.
+    loaded = {key: load_category(*key) for key in sorted(groups)}
+    if say is not None:
+        pending = sum(1 for data in loaded.values() for s in [*data.train, *data.test]
+                      if verdicts is None or not verdicts.known(s))
+        if pending:
+            say(f"checking the data: decoding {pending} images (and their masks) the runs will "
+                f"read; a rerun skips the files that did not change")
+    decoded = total = 0
+    started = time.perf_counter()
+    for (dataset, root, category), group in sorted(groups.items()):
+        data = loaded[(dataset, root, category)]
+        result = check_category(
+            data, {(s.noise_ratio, s.split_seed) for s in group},
+            {(s.resize_size, s.image_size) for s in group}, verdicts=verdicts, cache=cache,
+            workers=workers, infeasible_advice=RUN_INFEASIBLE_ADVICE)
+        decoded += result.decoded
+        total += result.samples
+    if say is not None and decoded:
+        say(f"data checked: {len(groups)} categories, {decoded} of {total} images decoded "
+            f"in {time.perf_counter() - started:.1f} s")
+    return decoded
+
+
+def check_not_running(results: Path) -> None:
+    """A sweep already running on ``results`` (holding its lock) stops this one, before it
+    checks or writes anything; creates nothing."""
+    if (results / LOCK_FILE).is_file():
+        with results_lock(results, probe=True):
+            pass
+
+
+@contextlib.contextmanager
+def results_lock(results: Path, command: str = "", probe: bool = False):
+    """Hold ``<results>/sweep.lock`` for the duration: one sweep per results folder.
+
+    A second sweep stops at once with one line naming the first (its pid, host, start time and
+    command, from ``sweep-owner.json``). The lock is the operating system's (``flock`` through
+    :mod:`filelock`), so a sweep killed by any signal releases it. ``probe`` only tries it.
+    """
+    from filelock import FileLock, Timeout
+
+    if not probe:
+        results.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(results / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another sweep is running on results folder {results} "
+                        f"({_owner_text(results)}); wait for it to finish or give another "
+                        f"--results") from None
+    try:
+        if not probe:
+            write_json_atomic(results / OWNER_FILE, {
+                "pid": os.getpid(), "host": socket.gethostname(), "started": utc_timestamp(),
+                "command": command})
+        yield
+    finally:
+        lock.release()
+
+
+def _owner_text(results: Path) -> str:
+    try:
+        owner = json.loads((results / OWNER_FILE).read_text(encoding="utf-8"))
+        return (f"pid {owner.get('pid')} on {owner.get('host')}, started "
+                f"{owner.get('started')}")
+    except (OSError, ValueError, AttributeError):
+        return "its owner is not recorded"
 
 
 def dry_run_states(specs: Sequence[RunSpec], results: Path, reuse: bool = True,

@@ -10,14 +10,21 @@
 Every executor yields ``(spec, RunResult)`` as runs finish (not in submission order), so the
 driver can write and track each result at once. A worker that dies (a segfault, the kernel's OOM
 killer, a lost node) becomes a failed record for the run it held; the sweep goes on.
+
+``processes`` workers die with the driver, even one killed with SIGKILL, which runs no cleanup:
+on Linux the kernel sends them SIGKILL when their parent dies (``prctl(PR_SET_PDEATHSIG)``), and
+everywhere a watchdog thread ends a worker whose driver is gone (:func:`_die_with_driver`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
+import socket
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
@@ -28,6 +35,7 @@ from bench.util import first_line
 from bench.worker import JobOptions, RunResult, failed_record, run_one
 
 EXECUTORS = ("local", "processes", "ray")
+RAY_CONNECT_TIMEOUT_S = 5.0
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -119,7 +127,58 @@ def _slot_owner_alive(slot: Path) -> bool:
     return True
 
 
-def _init_worker(gpus: list[str], slots_dir: str | None, per_gpu: int, threads: int | None) -> None:
+WATCH_INTERVAL_S = 1.0  # how often a worker's watchdog looks for its driver
+
+
+def _die_with_driver(driver_pid: int) -> None:
+    """End this worker process when the driver (``driver_pid``, its parent) is gone.
+
+    Linux: ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL when the parent dies (the worker
+    was started by the driver's main thread, which lives as long as the pool). Everywhere, also
+    a daemon thread: on POSIX a worker whose parent died is re-parented, so ``getppid()``
+    changes; on Windows it waits on a handle of the driver process.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            pr_set_pdeathsig = 1  # <linux/prctl.h>
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc symbol: the watchdog still works
+            pass
+    if os.name == "nt":
+        watch = _windows_watch(driver_pid)
+    else:
+        if os.getppid() != driver_pid:  # the driver died before the signal was armed
+            os._exit(1)
+
+        def watch():
+            while True:
+                threading.Event().wait(WATCH_INTERVAL_S)
+                if os.getppid() != driver_pid:
+                    os._exit(1)
+    threading.Thread(target=watch, name="fuad-driver-watchdog", daemon=True).start()
+
+
+def _windows_watch(driver_pid: int):
+    import ctypes
+
+    synchronize, infinite = 0x00100000, 0xFFFFFFFF
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(synchronize, False, driver_pid)
+    if not handle:  # already gone
+        os._exit(1)
+
+    def watch():
+        kernel32.WaitForSingleObject(handle, infinite)  # returns when the driver exits
+        os._exit(1)
+    return watch
+
+
+def _init_worker(gpus: list[str], slots_dir: str | None, per_gpu: int, threads: int | None,
+                 driver_pid: int | None = None) -> None:
+    if driver_pid is not None:
+        _die_with_driver(driver_pid)
     if gpus and slots_dir:
         _claim_gpu(gpus, slots_dir, per_gpu)
     if threads:
@@ -157,10 +216,14 @@ class ProcessExecutor:
         per_gpu = math.ceil(self.workers / len(self.gpus)) if self.gpus else 1
         return ProcessPoolExecutor(
             max_workers=workers, initializer=_init_worker,
-            initargs=(self.gpus, slots_dir, per_gpu, self._threads()),
+            initargs=(self.gpus, slots_dir, per_gpu, self._threads(), os.getpid()),
         )
 
     def run(self, specs: Sequence[RunSpec], options: JobOptions) -> Iterator[tuple[RunSpec, RunResult]]:
+        if not specs:
+            return
+        # More workers than runs would only start idle processes (each imports torch).
+        self.workers = min(self.workers, len(specs))
         options = _replace(options, progress=False, threads=options.threads or self._threads())
         with tempfile.TemporaryDirectory(prefix="fuad-gpu-slots-") as slots_dir:
             queue = list(specs)
@@ -236,13 +299,37 @@ class RayExecutor:
         self.device = device
         self.address = address
 
-    def _init(self):
-        """Connect (or start a local Ray); returns whether this executor started it."""
+    def check(self) -> None:
+        """Before a sweep writes anything: Ray is installed, and a cluster address given as
+        ``host:port`` (or ``ray://host:port``) accepts a connection within a few seconds (Ray
+        itself would keep retrying for minutes)."""
+        self._import()
+        if not self.address or self.address in ("auto", "local"):
+            return
+        target = self.address.split("://", 1)[-1]
+        host, _, port = target.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--ray-address {self.address!r}: expected host:port, "
+                            f"ray://host:port or auto")
+        try:
+            with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+                pass
+        except OSError as err:
+            raise UserError(f"Ray cluster at {self.address} does not answer ({err}); start it "
+                            f"or check --ray-address") from None
+
+    @staticmethod
+    def _import():
         try:
             import ray
         except ImportError:
             raise UserError("the ray executor needs Ray: pip install 'ray>=2.9' "
                             "(or the project's [ray] extra)") from None
+        return ray
+
+    def _init(self):
+        """Connect (or start a local Ray); returns whether this executor started it."""
+        ray = self._import()
         if ray.is_initialized():
             return ray, False
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

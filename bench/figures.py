@@ -72,11 +72,15 @@ def _order(label: str) -> tuple:
 
 
 def load_scores(path: Path) -> dict[str, np.ndarray] | None:
-    """The arrays of a ``scores.npz``, or None when the file is absent or unreadable."""
+    """The arrays of a ``scores.npz``, or None when the file is absent or unreadable (a
+    truncated or damaged zip too: the figures skip that run with a note)."""
+    import zipfile
+    import zlib
+
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (FileNotFoundError, OSError, ValueError):
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
         return None
 
 

@@ -8,6 +8,8 @@ Layout::
     <results>/mlartifacts/                     that store's artifacts
     <results>/sweeps/<sweep>.json              every spec a sweep planned (see bench.report)
     <results>/report/                          the rendered report
+    <results>/sweep.lock, sweep-owner.json     the lock one sweep at a time holds on the folder
+    <results>/data-check.json                  files a sweep found decodable (see bench.driver)
 
 A record is a JSON object::
 
@@ -31,8 +33,14 @@ A record is a JSON object::
       "history": {"<scalar name>": [value per epoch]},
       "diagnostics": {"<name>": [value per epoch]},   # e.g. CDD confidence AUROC vs injected
       "finished_at": "<ISO time>",
-      "reused_from": "<fingerprint>"                 # only on a copy (see bench.twins)
+      "reused_from": "<fingerprint>",                # only on a copy (see bench.twins)
+      "undefined_metrics": {protocol: {"metrics": [names], "reason": str}},  # only when some
+                                                     # metric could not be computed
+      "files": {"scores.npz": {"size": int, "sha256": hex}, "manifest.json": {...}}
     }
+
+``files`` lists what the driver wrote beside the record, before the record itself; it makes
+the record a done marker that can be checked (:func:`files_intact`).
 
 ``scores.npz`` arrays (all optional for readers; figures skip what is missing)::
 
@@ -42,15 +50,21 @@ A record is a JSON object::
     test_images (N, h, w, 3) uint8 at the same reduced size,
     train_keys (M,) str, train_scores (M,) float32, train_injected (M,) bool
 
-Only a record whose status is ``ok`` and whose ``metrics`` are present counts as done.
+A run is done when its record's status is ``ok``, its ``metrics`` are present and the files
+the record lists are on disk with the listed size and SHA-256 (:func:`is_done`). A record
+written before records listed their files counts as done when its ``scores.npz`` and
+``manifest.json`` are there and load whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any
@@ -63,6 +77,11 @@ RUNS_DIR = "runs"
 PROTOCOLS = ("no_overlap", "overlap")
 # Every metric a record holds per protocol, in report order.
 METRIC_NAMES = ("i_auroc", "p_auroc", "aupro", "pro_rd4ad", "i_ap", "p_ap", "i_f1max")
+
+
+FILES_KEY = "files"
+# The files a record written before FILES_KEY existed had beside it.
+LEGACY_FILES = (SCORES_FILE, MANIFEST_FILE)
 
 
 def run_dir(results: str | os.PathLike, fingerprint: str) -> Path:
@@ -121,12 +140,71 @@ def load_record(path: str | os.PathLike) -> dict | None:
 
 
 def is_complete(record: dict | None) -> bool:
+    """The record says the run finished (status ok, metrics present); its files are checked
+    by :func:`is_done`."""
     return bool(
         record
         and record.get("schema_version") == SCHEMA_VERSION
         and record.get("status") == "ok"
         and isinstance(record.get("metrics"), dict)
     )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(data: bytes) -> dict[str, Any]:
+    """What a record lists of one file it has beside it: size and SHA-256 of ``data``."""
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def files_intact(folder: str | os.PathLike, record: Mapping[str, Any]) -> bool:
+    """Whether every file ``record`` lists is in ``folder`` with its listed size and SHA-256.
+
+    A record without the list (written by an older version) passes when its ``scores.npz``
+    loads whole (every array decompresses, zip CRCs checked) and its ``manifest.json`` parses.
+    """
+    folder = Path(folder)
+    files = record.get(FILES_KEY)
+    if files is None:
+        return _legacy_files_load(folder)
+    if not isinstance(files, Mapping):
+        return False
+    for name, entry in files.items():
+        path = folder / str(name)
+        if (PurePath(str(name)).name != str(name) or not isinstance(entry, Mapping)
+                or not path.is_file()):
+            return False
+        try:
+            if path.stat().st_size != entry.get("size") or file_sha256(path) != entry.get("sha256"):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _legacy_files_load(folder: Path) -> bool:
+    import numpy as np
+
+    try:
+        with np.load(folder / SCORES_FILE, allow_pickle=False) as data:
+            for key in data.files:
+                data[key]  # decompresses and checks the member's CRC
+        json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+        return False
+    return True
+
+
+def is_done(folder: str | os.PathLike, record: dict | None) -> bool:
+    """A complete record whose files are whole: the run need not run again."""
+    return is_complete(record) and files_intact(folder, record)
 
 
 def iter_records(results: str | os.PathLike) -> Iterator[dict]:

@@ -129,6 +129,9 @@ class Results:
     @classmethod
     def load(cls, results: str | os.PathLike) -> Results:
         base = Path(results)
+        if base.exists() and not base.is_dir():
+            raise UserError(f"--results {base} is a file, not a folder; pass the --results "
+                            "folder a sweep wrote (the one holding runs/)")
         if not base.is_dir():
             raise UserError(f"results folder {base} does not exist; pass the --results folder "
                             "a sweep wrote (the one holding runs/)")
@@ -233,6 +236,7 @@ def _check_settings(k: float, min_tolerance: float, floors: Mapping[str, float],
 def write_baseline(path: str | os.PathLike, baseline: Mapping[str, Any]) -> None:
     """Write atomically: JSON, or YAML when the name ends in .yaml/.yml."""
     path = Path(path)
+    check_writable_file(path, "baseline")
     if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
@@ -242,9 +246,27 @@ def write_baseline(path: str | os.PathLike, baseline: Mapping[str, Any]) -> None
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def check_writable_file(path: Path, what: str) -> None:
+    """``path`` can be written as a file: not a folder, and its folder exists (or can be made
+    where a folder, not a file, is in the way)."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a file path, e.g. "
+                        f"{path / ('ci.json' if what == 'baseline' else 'comparison.json')}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise UserError(f"{what} {path} cannot be written: {ancestor} is not writable")
+
+
 def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
     """A validated baseline; a missing or malformed file is a :class:`UserError`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"baseline {path} is a folder; give the baseline file, e.g. "
+                        f"{path / 'ci.json'}")
     if not path.is_file():
         raise UserError(f"baseline {path} does not exist; create it from a results folder with "
                         "'run_benchmark.py regress --results DIR --baseline FILE --update'")

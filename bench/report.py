@@ -1390,6 +1390,25 @@ def missing_runs(runs: list[Run]) -> list[dict]:
     return out
 
 
+def _undefined_metrics(runs: list[Run]) -> list[str]:
+    """One line per setting, category, method and protocol whose complete runs recorded
+    metrics they could not compute (``undefined_metrics``, e.g. a test set without normal
+    images), with the reason, however many seeds share it."""
+    seen: dict[tuple, set[str]] = {}
+    for run in runs:
+        if not run.complete:
+            continue
+        for protocol in ("no_overlap", "overlap"):
+            entry = (run.record.get("undefined_metrics") or {}).get(protocol)
+            if isinstance(entry, dict):
+                key = (run.setting.order, run.setting.title, run.category, run.label, protocol,
+                       str(entry.get("reason", "")))
+                seen.setdefault(key, set()).update(map(str, entry.get("metrics") or ()))
+    return [f"{title} {category} {label}, {protocol.replace('_', ' ')}: "
+            f"{', '.join(sorted(names))} ({reason})"
+            for (_, title, category, label, protocol, reason), names in sorted(seen.items())]
+
+
 def _write_text(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
@@ -1716,6 +1735,11 @@ def _index(results_dir: Path, out: Path, runs: list[Run], tables: list[tuple[Set
                          f"{m['status']} | {detail} |")
     else:
         lines.append("None: every table cell has a complete run.")
+    undefined = _undefined_metrics(runs)
+    if undefined:
+        lines += ["", "## Metrics that could not be computed", "",
+                  f"These cells show as \"{MISSING}\" although the runs are complete:", ""]
+        lines += [f"- {line}" for line in undefined]
     lines += ["", "## Conventions", "",
               "- Bold = best, <u>underlined</u> = second-best distinct value in the row "
               "(ablation tables: in the column), compared at the printed precision; tied "

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ _PRESET_KEYS = {
     "split_seeds", "image_size", "resize_size", "teacher_weights", "config",
 }
 _METHOD_KEYS = {"name", "config", "optional", "image_size", "resize_size"}
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 0..2**32-1, its Generator no negatives
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,10 @@ def load_preset(name: str) -> Preset:
     """Read and validate a preset by name (or YAML path)."""
     path = preset_path(name)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise UserError(f"preset {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                        f"position {err.start}); save it as UTF-8") from None
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read preset {path}: {err}; fix the YAML") from None
     where = f"preset {path}"
@@ -156,12 +161,33 @@ def load_preset(name: str) -> Preset:
         split_seeds=(tuple(_number(v, int, where, "split_seeds")
                            for v in _as_list(raw["split_seeds"], where, "split_seeds"))
                      if raw.get("split_seeds") is not None else None),
-        image_size=_number(raw["image_size"], int, where, "image_size"),
-        resize_size=_number(raw["resize_size"], int, where, "resize_size"),
+        image_size=_number(raw["image_size"], int, where, "image_size", minimum=1),
+        resize_size=_number(raw["resize_size"], int, where, "resize_size", minimum=1),
         teacher_weights=str(raw["teacher_weights"]),
         config=dict(config),
         data_root=str(raw["data_root"]) if raw.get("data_root") else None,
     )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: PyYAML
+    keeps the last value in silence, and a preset that sets ``noise_ratios`` twice means one
+    of them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                    f"keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _as_list(value: Any, where: str, key: str) -> list:
@@ -170,13 +196,19 @@ def _as_list(value: Any, where: str, key: str) -> list:
     raise UserError(f"{where}: {key!r} must be a non-empty list")
 
 
-def _number(value: Any, kind: type, where: str, key: str):
+def _number(value: Any, kind: type, where: str, key: str, minimum: float | None = None):
+    expected = "an integer" if kind is int else "a number"
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected {expected}")
     try:
-        number = kind(value)
+        as_float = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected {kind.__name__}") from None
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected an integer")
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected {expected}") from None
+    if not math.isfinite(as_float) or (kind is int and not as_float.is_integer()):
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected {expected}")
+    number = int(as_float) if kind is int else as_float
+    if minimum is not None and number < minimum:
+        raise UserError(f"{where}: bad value {value!r} in {key!r}; expected at least {minimum:g}")
     return number
 
 
@@ -191,7 +223,7 @@ def _method_entry(item: Any, where: str) -> MethodEntry:
         config = item.get("config") or {}
         if not isinstance(config, dict):
             raise UserError(f"{where}: 'config' of method {item['name']!r} must be a mapping")
-        geometry = {key: _number(item[key], int, where, f"{item['name']}.{key}")
+        geometry = {key: _number(item[key], int, where, f"{item['name']}.{key}", minimum=1)
                     for key in ("image_size", "resize_size") if item.get(key) is not None}
         return MethodEntry(str(item["name"]), dict(config), bool(item.get("optional", False)),
                            **geometry)
@@ -266,15 +298,22 @@ def expand(
         if target is not None and target not in entry_names:
             raise UserError(f"--set names method {target!r}, which is not in this sweep; "
                             f"methods: {', '.join(e.name for e in entries)}")
-    configs = {e.name: _method_config(e, preset, set_map) for e in entries}
+    # One config per entry: a method listed twice with different configs runs both (the
+    # report tells them apart by the config keys that differ).
+    configs = [_method_config(e, preset, set_map) for e in entries]
     _check_defaults_used(preset, entries)
     _check_global_sets_used(set_map.get(None, {}), entries)
 
     ratios = [float(r) for r in (noise_ratios if noise_ratios is not None else preset.noise_ratios)]
     for ratio in ratios:
-        if not 0.0 <= ratio < 1.0:
+        if not 0.0 <= ratio < 1.0:  # NaN fails this too
             raise UserError(f"noise ratio {ratio} is outside [0, 1); give e.g. 0.1")
     train_seeds = [int(s) for s in (seeds if seeds is not None else preset.seeds)]
+    split_seeds = list(preset.split_seeds) if preset.split_seeds is not None else []
+    for seed in train_seeds + split_seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed {seed} is outside 0..{MAX_SEED}; numpy and torch generators "
+                            f"take seeds in that range")
     if preset.split_seeds is not None and seeds is None:
         seed_pairs = list(itertools.product(preset.split_seeds, train_seeds))
     else:
@@ -282,11 +321,11 @@ def expand(
     weights = teacher_weights or preset.teacher_weights
 
     specs = []
-    for category, ratio, (split_seed, train_seed), entry in itertools.product(
-        cats, ratios, seed_pairs, entries
+    for category, ratio, (split_seed, train_seed), (entry, config) in itertools.product(
+        cats, ratios, seed_pairs, list(zip(entries, configs))
     ):
         specs.append(RunSpec(
-            method=entry.name, config=configs[entry.name], dataset=preset.dataset,
+            method=entry.name, config=config, dataset=preset.dataset,
             data_root=str(root), category=category, noise_ratio=ratio, split_seed=split_seed,
             train_seed=train_seed, image_size=entry.image_size or preset.image_size,
             resize_size=entry.resize_size or preset.resize_size,
@@ -298,9 +337,9 @@ def expand(
 def _select_methods(preset: Preset, wanted: Sequence[str] | None) -> list[MethodEntry]:
     """The preset's method entries (or ``--methods``), dropping optional unregistered ones."""
     entries = list(preset.methods)
-    if wanted:
-        by_name = {e.name: e for e in entries}
-        entries = [by_name.get(name, MethodEntry(name)) for name in wanted]
+    if wanted:  # every entry of each name asked for (a method may be listed twice)
+        entries = [e for name in dict.fromkeys(wanted)
+                   for e in ([e for e in entries if e.name == name] or [MethodEntry(name)])]
     selected = []
     for entry in entries:
         known = is_known(entry.name)

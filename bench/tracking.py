@@ -19,6 +19,13 @@ artifacts go to ``mlartifacts/`` beside the database, not to the working directo
 when used and its logging is kept quiet. Tracking is a convenience, never the record of truth:
 any MLflow failure prints one warning and tracking stops for the sweep; records are unaffected.
 A resumed sweep logs the completed runs that the store does not have yet (by fingerprint).
+
+Faults (docs/runner.md, "MLflow"): a tracking server is asked once, with a short timeout,
+before a sweep writes anything (:func:`check_tracking_store`); MLflow's HTTP retries are capped
+(:data:`HTTP_LIMITS`) so a server that dies mid-sweep costs seconds before the one warning. Runs
+carry the results folder and host they belong to (tags ``results_dir``, ``host``), so that a
+later sweep on the same folder, which holds the folder's lock, can finish what a killed sweep
+left ``RUNNING`` (:meth:`Tracker.reconcile`).
 """
 
 from __future__ import annotations
@@ -26,18 +33,34 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.records import RECORD_FILE, load_record, run_dir
+from bench.errors import UserError
+from bench.records import MANIFEST_FILE, RECORD_FILE, files_intact, load_record, run_dir
 
 EXPERIMENT_PREFIX = "fuad/"
 _PARAM_LIMIT = 6000  # MLflow's longest param value; longer values are cut with a marker
 _BATCH = 100  # params/tags per log_batch call stay under MLflow's limits
+# MLflow's HTTP client retries 7 times with exponential backoff and a 120 s timeout by default:
+# about 4 minutes before a dead server is reported. A sweep would stall that long at its first
+# call after the server died; these defaults (a user's own environment wins) make it seconds.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+HEALTH_TIMEOUT_S = 5.0  # the up-front check of a tracking server
+TERMINAL = ("FINISHED", "FAILED")  # child runs that count as logged
 
 
 def default_tracking_uri(results: str | os.PathLike) -> str:
@@ -63,6 +86,64 @@ def local_artifact_root(uri: str) -> str | None:
 def resolve_tracking_uri(results: str | os.PathLike, uri: str | None = None) -> str:
     """``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the default under ``results``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(results)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_tracking_store(uri: str, results: str | os.PathLike | None = None) -> None:
+    """Stop with one line, before anything is written, when the store cannot be reached.
+
+    A server (``http(s)://``) must answer ``GET /health`` within :data:`HEALTH_TIMEOUT_S`; a
+    SQLite store's folder must exist and be writable (the default store's folder is the results
+    folder, created later). Other stores are left to the first MLflow call.
+    """
+    if is_server(uri):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # an MLflow server behind an auth wall answers so
+                return
+            problem = (f"HTTP {err.code} on /health: something answers there, but not an MLflow "
+                       f"server" if err.code < 500 else f"HTTP {err.code}")
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            problem = f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
+        raise UserError(
+            f"MLflow tracking server {uri} does not answer ({problem}, {HEALTH_TIMEOUT_S:g} s "
+            f"timeout); start it, give another --tracking-uri, or pass --no-tracking to run "
+            f"without tracking")
+    scheme = urllib.parse.urlsplit(uri).scheme
+    known = _store_schemes()
+    if len(scheme) > 1 and known is not None and scheme not in known:  # len 1: a Windows drive
+        raise UserError(
+            f"MLflow tracking URI {uri}: MLflow has no store for scheme {scheme!r} (it knows "
+            f"{', '.join(sorted(k for k in known if k))}); give another --tracking-uri or pass "
+            f"--no-tracking")
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):])
+        folder = database.parent if database.is_absolute() else (Path.cwd() / database).parent
+        if results is not None and folder.resolve() == Path(results).resolve():
+            return
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UserError(
+                f"MLflow store {uri}: folder {folder} does not exist or is not writable; create "
+                f"it, give another --tracking-uri, or pass --no-tracking")
+
+
+def _store_schemes() -> set[str] | None:
+    """The URI schemes MLflow's tracking-store registry knows (plugins included), or None when
+    this MLflow does not expose it (then the first MLflow call says what is wrong)."""
+    _quiet_mlflow()
+    try:
+        from mlflow.tracking._tracking_service import utils
+
+        return set(utils._tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        return None
 
 
 def ui_command(uri: str) -> str:
@@ -167,8 +248,10 @@ class Tracker:
     """Logs one sweep to MLflow; every call is a no-op after the first failure (warned once)."""
 
     def __init__(self, uri: str, experiment: str, sweep_info: Mapping[str, Any] | None = None,
-                 warn=None):
+                 warn=None, results_dir: str | os.PathLike | None = None):
         self.uri = uri
+        # Runs are tagged with the results folder (and host) they belong to: see reconcile.
+        self.results_dir = str(Path(results_dir).resolve()) if results_dir is not None else None
         self.experiment = experiment if experiment.startswith(EXPERIMENT_PREFIX) \
             else EXPERIMENT_PREFIX + experiment
         self.sweep_info = dict(sweep_info or {})
@@ -194,19 +277,27 @@ class Tracker:
 
     def _connect(self):
         if self._client is None:
+            for name, value in HTTP_LIMITS.items():
+                os.environ.setdefault(name, value)
             _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
             _quiet_mlflow()  # importing mlflow resets its loggers to INFO
 
-            client = MlflowClient(tracking_uri=self.uri)
-            experiment = client.get_experiment_by_name(self.experiment)
-            self.experiment_id = (
-                experiment.experiment_id if experiment is not None
-                else client.create_experiment(self.experiment,
-                                              artifact_location=local_artifact_root(self.uri)))
+            with _store_lock(self.uri):
+                client = MlflowClient(tracking_uri=self.uri)
+                experiment = client.get_experiment_by_name(self.experiment)
+                self.experiment_id = (
+                    experiment.experiment_id if experiment is not None
+                    else client.create_experiment(
+                        self.experiment, artifact_location=local_artifact_root(self.uri)))
             self._client = client
         return self._client
+
+    def _owner_tags(self) -> dict[str, str]:
+        if self.results_dir is None:
+            return {}
+        return {"results_dir": self.results_dir, "host": socket.gethostname()}
 
     # -- sweep
     def start_sweep(self, total: int, todo: int) -> None:
@@ -215,7 +306,8 @@ class Tracker:
     def _start(self, total: int, todo: int) -> None:
         client = self._connect()
         run = client.create_run(self.experiment_id, run_name=self.sweep_info.get("name"),
-                                tags={"kind": "sweep", "preset": str(self.sweep_info.get("preset"))})
+                                tags={"kind": "sweep", "preset": str(self.sweep_info.get("preset")),
+                                      **self._owner_tags()})
         self.parent_id = run.info.run_id
         params = flatten("", {k: v for k, v in self.sweep_info.items() if v is not None}, {})
         params.update({"runs_total": str(total), "runs_todo": str(todo)})
@@ -258,7 +350,7 @@ class Tracker:
         spec = record.get("spec") or {}
         name = (f"{spec.get('method')}/{spec.get('category')}/r{spec.get('noise_ratio')}"
                 f"/s{spec.get('split_seed')}.{spec.get('train_seed')}")
-        tags = {**run_tags(record), "kind": "run"}
+        tags = {**run_tags(record), "kind": "run", **self._owner_tags()}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
         run = client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -267,13 +359,101 @@ class Tracker:
         metrics = [Metric(k, v, now, 0) for k, v in run_metrics(record).items()]
         metrics += [Metric(k, v, now, step) for k, v, step in step_metrics(record)]
         self._log_batch(run_id, params=run_params(record), metrics=metrics)
-        for path in [folder / RECORD_FILE, folder / "manifest.json", *sorted(folder.glob("*.png"))]:
-            if path.is_file():
-                client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id, status="FINISHED" if record.get("status") == "ok" else "FAILED")
+        for path in _artifacts(folder):
+            client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, status=_final_status(record))
         if self._known is not None and record.get("fingerprint"):
             self._known.add(record["fingerprint"])
         return run_id
+
+    # -- a killed sweep's leftovers
+    def reconcile(self, results: str | os.PathLike, say=None) -> tuple[int, int] | None:
+        """Finish the runs a killed sweep of this results folder left ``RUNNING``.
+
+        Call it only while holding the folder's lock (one sweep per results folder), before
+        :meth:`start_sweep`: then no live sweep owns such a run. A child run whose record is
+        there and whole gets what it lacks (params, metrics, tags, artifacts) and the record's
+        final status; other children and the sweep runs are marked ``KILLED``. A run is this
+        folder's when its ``results_dir`` and ``host`` tags say so, or, for runs logged before
+        those tags existed, when the store is this folder's own default store. Returns
+        (filled, killed), or None when tracking failed (warned once).
+        """
+        found = self._guard("reconcile", self._reconcile, Path(results))
+        if found and say is not None and sum(found):
+            say(f"  MLflow: {sum(found)} run(s) left RUNNING by a sweep that died: {found[0]} "
+                f"completed from their records, {found[1]} marked KILLED")
+        return found
+
+    def _reconcile(self, results: Path) -> tuple[int, int]:
+        from mlflow.entities import ViewType
+
+        client = self._connect()
+        results = results.resolve()
+        own_store = self.uri == default_tracking_uri(results)
+        host = socket.gethostname()
+
+        def ours(run) -> bool:
+            tags = run.data.tags
+            if "results_dir" in tags:
+                return tags["results_dir"] == str(results) and tags.get("host", host) == host
+            return own_store
+
+        experiments, token = [], None
+        while True:
+            page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                             page_token=token)
+            experiments += [e.experiment_id for e in page]
+            token = page.token
+            if not token:
+                break
+        stale, token = [], None
+        while experiments:
+            page = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'",
+                                      max_results=1000, page_token=token)
+            stale += [r for r in page if ours(r)]
+            token = page.token
+            if not token:
+                break
+        filled = killed = 0
+        for run in stale:
+            run_id = run.info.run_id
+            fingerprint = run.data.tags.get("fingerprint")
+            record, folder = None, None
+            if run.data.tags.get("kind") == "run" and fingerprint:
+                folder = run_dir(results, fingerprint)
+                record = load_record(folder / RECORD_FILE)
+                if record is not None and (record.get("fingerprint") != fingerprint
+                                           or not files_intact(folder, record)):
+                    record = None
+            if record is None:
+                client.set_tag(run_id, "reconciled", "its sweep died before this run was logged")
+                client.set_terminated(run_id, status="KILLED")
+                killed += 1
+            else:
+                self._fill(client, run, record, folder)
+                filled += 1
+        return filled, killed
+
+    def _fill(self, client, run, record: Mapping[str, Any], folder: Path) -> None:
+        """Log what ``run`` lacks of ``record`` (keys already there are kept), then end it."""
+        from mlflow.entities import Metric
+
+        run_id = run.info.run_id
+        have_params, have_metrics = run.data.params, set(run.data.metrics)
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in run_metrics(record).items()
+                   if k not in have_metrics]
+        metrics += [Metric(k, v, now, step) for k, v, step in step_metrics(record)
+                    if k not in have_metrics]
+        params = {k: v for k, v in run_params(record).items() if k not in have_params}
+        self._log_batch(run_id, params=params, metrics=metrics)
+        tags = {**run_tags(record), "reconciled": "completed from its record after its sweep died"}
+        client.log_batch(run_id, tags=[_tag(k, v) for k, v in tags.items()])
+        logged = {a.path for a in client.list_artifacts(run_id)}
+        for path in _artifacts(folder):
+            if path.name not in logged:
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, status=_final_status(record))
 
     def _log_batch(self, run_id: str, params: Mapping[str, str] | None = None, metrics=()) -> None:
         from mlflow.entities import Param
@@ -298,7 +478,9 @@ class Tracker:
         while True:
             page = client.search_runs([self.experiment_id], filter_string="tags.kind = 'run'",
                                       max_results=1000, page_token=token)
-            found |= {r.data.tags.get("fingerprint") for r in page if r.data.tags.get("fingerprint")}
+            # A KILLED (or still RUNNING) child holds no finished log of its run.
+            found |= {r.data.tags.get("fingerprint") for r in page
+                      if r.data.tags.get("fingerprint") and r.info.status in TERMINAL}
             token = page.token
             if not token:
                 return found
@@ -318,3 +500,43 @@ class Tracker:
             if record is not None and self.log_run(record, folder):
                 logged += 1
         return logged
+
+
+def _final_status(record: Mapping[str, Any]) -> str:
+    return "FINISHED" if record.get("status") == "ok" else "FAILED"
+
+
+def _artifacts(folder: Path) -> list[Path]:
+    """The files of a run folder that its MLflow run holds as artifacts."""
+    paths = [folder / RECORD_FILE, folder / MANIFEST_FILE, *sorted(folder.glob("*.png"))]
+    return [p for p in paths if p.is_file()]
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, str(value))
+
+
+class _store_lock:
+    """Serialise creating or migrating a local SQLite store: two sweeps that open a new store
+    at once race in its schema migration (``duplicate column name``). Other stores: no-op."""
+
+    def __init__(self, uri: str):
+        self.lock = None
+        if uri.startswith("sqlite:///"):
+            from filelock import FileLock
+
+            database = Path(uri[len("sqlite:///"):])
+            if database.parent.is_dir():
+                self.lock = FileLock(str(database) + ".lock", timeout=120)
+
+    def __enter__(self):
+        if self.lock is not None:
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            self.lock.release()
+        return False

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.identity import record_training_identity, training_identity
-from bench.records import MANIFEST_FILE, RECORD_FILE, SCORES_FILE, iter_records, run_dir
+from bench.records import (
+    MANIFEST_FILE,
+    RECORD_FILE,
+    SCORES_FILE,
+    files_intact,
+    iter_records,
+    run_dir,
+)
 from bench.spec import RunSpec
 from bench.worker import RunResult
 
@@ -67,8 +74,10 @@ def plan_reuse(todo: Sequence[RunSpec], results: str | Path, *, enabled: bool = 
                 continue
             if use_disk:
                 ident = record_training_identity(record) if record.get("spec") else None
-                if ident in wanted and ident not in on_disk:
-                    on_disk[ident] = run_dir(results, record["fingerprint"])
+                folder = run_dir(results, str(record.get("fingerprint")))
+                # A source whose files are damaged is not copied (its own run redoes it).
+                if ident in wanted and ident not in on_disk and files_intact(folder, record):
+                    on_disk[ident] = folder
     plan = ReusePlan()
     leader_of: dict[str, RunSpec] = {}
     for spec in todo:

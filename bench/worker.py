@@ -81,7 +81,7 @@ def resolve_device(device: str | None) -> str:
 _IMAGE_CACHES: dict[str | None, Any] = {}
 
 
-def _image_cache(cache_dir: str | None):
+def image_cache(cache_dir: str | None):
     """One decoded-image cache per worker process, reused by every run it executes."""
     from datasets import ImageCache
 
@@ -214,12 +214,40 @@ def _shrink(array: np.ndarray, size: int, mode: str) -> np.ndarray:
     return out.numpy()
 
 
-def _metrics_or_nan(evaluate, scores, labels, maps, masks) -> dict[str, float]:
-    """Every metric, or NaN for all when one class is missing (e.g. training set at ratio 0)."""
+IMAGE_METRICS = ("i_auroc", "i_ap", "i_f1max")
+
+
+def _metrics_or_nan(evaluate, scores, labels, maps, masks) -> tuple[dict[str, float], str | None]:
+    """(every metric, why some are NaN or None): NaN for all when one image class is missing
+    (the training set at ratio 0, a test set without normal images)."""
     labels = np.asarray(labels)
-    if labels.size == 0 or labels.min() == labels.max():
-        return {name: float("nan") for name in METRIC_NAMES}
-    return {name: float(value) for name, value in evaluate(scores, labels, maps, masks).items()}
+    if labels.size == 0:
+        return {name: float("nan") for name in METRIC_NAMES}, "the set is empty"
+    if labels.min() == labels.max():
+        missing = "anomalous" if labels.min() == 0 else "normal"
+        return ({name: float("nan") for name in METRIC_NAMES},
+                f"the set has no {missing} image, so no metric separates the two")
+    values = {name: float(value) for name, value in evaluate(scores, labels, maps, masks).items()}
+    undefined = [name for name in METRIC_NAMES if not math.isfinite(values[name])]
+    reason = None
+    if undefined:
+        masks = np.asarray(masks)
+        reason = ("the masks have no anomalous pixel" if not masks.any()
+                  else "the masks have no normal pixel" if masks.all()
+                  else "a class is missing")
+    return values, reason
+
+
+def undefined_metrics(metrics: Mapping[str, Mapping[str, float]],
+                      reasons: Mapping[str, str | None]) -> dict[str, dict[str, Any]]:
+    """``{protocol: {"metrics": [names that are NaN], "reason": why}}`` for the record: a
+    metric that cannot be computed is said so, not left as a silent null."""
+    out = {}
+    for protocol, values in metrics.items():
+        names = [n for n in METRIC_NAMES if not math.isfinite(values.get(n, float("nan")))]
+        if names:
+            out[protocol] = {"metrics": names, "reason": reasons.get(protocol) or "undefined"}
+    return out
 
 
 def run_one(spec: RunSpec, options: JobOptions = JobOptions()) -> RunResult:
@@ -238,7 +266,8 @@ def run_one(spec: RunSpec, options: JobOptions = JobOptions()) -> RunResult:
         return _run(spec, options, device, started)
     except KeyboardInterrupt:
         raise
-    except Exception as err:  # noqa: BLE001 - a run's failure is data, not a crash
+    except BaseException as err:  # noqa: BLE001 - a run's failure is data, not a crash:
+        # SystemExit from a method's sys.exit() too, which would otherwise end the sweep.
         return RunResult(failed_record(spec, err, sweep=options.sweep, device=device,
                                        started=started))
     finally:
@@ -277,7 +306,7 @@ def _load_data(spec: RunSpec, options: JobOptions) -> _RunData:
     data = load_category(spec.dataset, spec.data_root, spec.category)
     split = make_split(data, spec.noise_ratio, spec.split_seed)
     preprocess = Preprocess(resize=spec.resize_size, crop=spec.image_size)
-    cache = _image_cache(options.cache_dir)
+    cache = image_cache(options.cache_dir)
     test = list(split.test_overlap)  # the union: every test image, scored once
     injected_keys = {s.key for s, inj in zip(split.train, split.injected) if inj}
     return _RunData(
@@ -336,7 +365,19 @@ def _predict_test(spec: RunSpec, method, data: _RunData, device: str):
             f"{spec.method}.predict returned scores {scores.shape} and maps {maps.shape}; "
             f"expected ({n},) and ({n}, {h}, {w})"
         )
+    check_finite(spec.method, scores, maps, "test")
     return scores, maps, infer_s
+
+
+def check_finite(method: str, scores: np.ndarray, maps: np.ndarray, what: str) -> None:
+    """A prediction with NaN or inf would give metrics that look computed but mean nothing
+    (every rank comparison with NaN is false): the run fails instead, saying so."""
+    bad_scores = int(np.size(scores) - np.isfinite(scores).sum())
+    bad_pixels = int(np.size(maps) - np.isfinite(maps).sum())
+    if bad_scores or bad_pixels:
+        raise ValueError(f"{method}.predict returned non-finite values on the {what} images "
+                         f"({bad_scores} of {np.size(scores)} scores, {bad_pixels} of "
+                         f"{np.size(maps)} map pixels are NaN or inf)")
 
 
 def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> RunResult:
@@ -359,18 +400,19 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
     # ... every evaluation.
     scores, maps, infer_s = _predict_test(spec, method, data, device)
     keep = data.in_no_overlap
-    metrics = {
-        "no_overlap": _metrics_or_nan(evaluate, scores[keep], data.test_labels[keep],
-                                      maps[keep], data.test_masks[keep]),
-        "overlap": _metrics_or_nan(evaluate, scores, data.test_labels, maps, data.test_masks),
-    }
+    metrics, reasons = {}, {}
+    metrics["no_overlap"], reasons["no_overlap"] = _metrics_or_nan(
+        evaluate, scores[keep], data.test_labels[keep], maps[keep], data.test_masks[keep])
+    metrics["overlap"], reasons["overlap"] = _metrics_or_nan(
+        evaluate, scores, data.test_labels, maps, data.test_masks)
     # The training images, scored by the trained model: how much of the noise it absorbed.
     train_pred = method.predict(data.train_images)
     train_scores = np.asarray(train_pred.scores, dtype=np.float32)
+    check_finite(spec.method, train_scores, np.asarray(train_pred.maps), "training")
     train_masks = load_masks(data.split.train, data.preprocess, data.cache)
-    metrics["train"] = _metrics_or_nan(evaluate, train_scores, data.injected.astype(np.uint8),
-                                       np.asarray(train_pred.maps, dtype=np.float32),
-                                       train_masks)
+    metrics["train"], reasons["train"] = _metrics_or_nan(
+        evaluate, train_scores, data.injected.astype(np.uint8),
+        np.asarray(train_pred.maps, dtype=np.float32), train_masks)
     peak_mb, peak_kind = peak_memory_mb(device, peak_reset)
 
     history, diagnostics = observer.as_dict()
@@ -400,6 +442,9 @@ def _run(spec: RunSpec, options: JobOptions, device: str, started: float) -> Run
         "diagnostics": diagnostics,
         "finished_at": utc_timestamp(),
     }
+    undefined = undefined_metrics(metrics, reasons)
+    if undefined:
+        record["undefined_metrics"] = undefined
     npz = scores_npz(
         test_keys=[s.key for s in data.test], test_scores=scores, test_labels=data.test_labels,
         in_no_overlap=data.in_no_overlap, test_maps=maps, test_masks=data.test_masks,
@@ -435,10 +480,15 @@ def failed_record(spec: RunSpec, err: BaseException | None = None, *, sweep: str
                   device: str | None = None, started: float | None = None,
                   error_type: str | None = None, message: str | None = None) -> dict[str, Any]:
     """A record saying the run failed, and why (an exception, a dead worker, ...)."""
+    from bench.errors import UserError
+
+    user_error = isinstance(err, UserError)
     if err is not None:
         tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         error_type = error_type or type(err).__name__
         message = message or str(err) or type(err).__name__
+        if isinstance(err, SystemExit):
+            message = f"sys.exit({err.code!r}) was called during the run"
     else:
         tb = ""
     env = None
@@ -453,7 +503,9 @@ def failed_record(spec: RunSpec, err: BaseException | None = None, *, sweep: str
         "schema_version": SCHEMA_VERSION,
         "fingerprint": spec.fingerprint,
         "status": "failed",
-        "error": {"type": error_type or "Error", "message": message or "", "traceback": tb},
+        # user_error: a one-line message that says what to do (summaries never cut it).
+        "error": {"type": error_type or "Error", "message": message or "", "traceback": tb,
+                  "user_error": user_error},
         "sweep": sweep,
         "spec": spec.to_dict(),
         "metrics": None,

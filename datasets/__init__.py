@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from datasets import mvtec, visa
+from datasets.check import CheckResult, DecodeVerdicts, check_category
 from datasets.errors import DataError
 from datasets.images import (
     ImageCache,
@@ -23,6 +24,7 @@ from datasets.images import (
 )
 from datasets.samples import CategoryData, Sample
 from datasets.splits import (
+    InfeasibleRatio,
     Split,
     largest_feasible_ratio,
     load_split,
@@ -46,8 +48,9 @@ DATASETS: dict[str, str] = {
 }
 
 __all__ = [
-    "DATASETS", "CategoryData", "DataError", "ImageCache", "Preprocess", "Sample", "Split",
-    "SYNTHETIC_CATEGORIES", "check_images", "file_sha256", "generate_synthetic",
+    "DATASETS", "CategoryData", "CheckResult", "DataError", "DecodeVerdicts", "ImageCache",
+    "InfeasibleRatio", "Preprocess", "Sample", "Split", "SYNTHETIC_CATEGORIES",
+    "check_category", "check_images", "file_sha256", "generate_synthetic",
     "largest_feasible_ratio", "list_categories", "load_category", "load_images", "load_masks",
     "load_split", "make_split", "manifest_path", "read_manifest", "requested_count",
     "verify_manifest", "write_manifest",
@@ -69,6 +72,11 @@ def list_categories(dataset: str, root: str | os.PathLike) -> list[str]:
 
 def load_category(dataset: str, root: str | os.PathLike, category: str) -> CategoryData:
     """Every sample of one category (names and pairing checked; pixels are read later)."""
+    if (not isinstance(category, str) or category in ("", ".", "..")
+            or any(c in category for c in "/\\\0")):
+        raise DataError(f"category {category!r} is not a folder name under {root}; give the "
+                        f"name of one category folder (run `run_benchmark.py list --dataset "
+                        f"{dataset} --data-root {root}`)")
     if _check_dataset(dataset) == "visa":
         return visa.load_category(Path(root), category)
     return mvtec.load_category(Path(root), category, dataset)

@@ -5,6 +5,11 @@ torchvision's ``Resize`` does on PIL images), then center crop ``crop × crop``.
 binarised first (any non-zero pixel is anomalous, which also covers VisA's multi-valued masks),
 then resized with nearest neighbour and cropped the same way, so they stay exactly {0, 1}.
 
+Pixel depth: 8-bit images (grey, palette, RGB, RGBA, CMYK) become RGB as PIL converts them;
+16-bit greyscale images (PNG, TIFF) are scaled to 8 bits (``round(v * 255 / 65535)``); 16-bit
+RGB PNGs are decoded by PIL to 8 bits per channel (the high byte). Images with 32-bit integer or
+float pixels have no agreed 8-bit reading: they are refused with one line naming the file.
+
 Decoding full-size PNGs every epoch is waste: :class:`ImageCache` keeps decoded, resized arrays in
 memory and, optionally, on disk as ``.npy`` files keyed by the SHA-256 of the file's bytes plus
 the geometry, so a cache survives moves and renames and is never stale.
@@ -13,7 +18,6 @@ the geometry, so a cache survives moves and renames and is never stale.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import numbers
 import os
@@ -29,6 +33,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from bench.errors import UserError
+from bench.records import file_sha256 as _records_file_sha256
 from bench.records import write_bytes_atomic
 from datasets.errors import DataError
 from datasets.samples import Sample
@@ -74,14 +79,20 @@ class Preprocess:
         return (o, o, o + self.crop, o + self.crop)
 
     def image(self, img: Image.Image) -> np.ndarray:
-        """RGB uint8 array (3, crop, crop) from any PIL image (grayscale becomes RGB)."""
-        rgb = img.convert("RGB").resize((self.resize, self.resize), Image.BILINEAR)
+        """RGB uint8 array (3, crop, crop) from a PIL image of any supported depth (module
+        docstring); :class:`PixelFormatError` for one that has no 8-bit reading."""
+        rgb = to_rgb8(img).resize((self.resize, self.resize), Image.BILINEAR)
         return np.ascontiguousarray(
             np.asarray(rgb.crop(self._box()), dtype=np.uint8).transpose(2, 0, 1)
         )
 
     def mask(self, img: Image.Image) -> np.ndarray:
-        """{0, 1} uint8 array (crop, crop): non-zero is anomalous, nearest-neighbour resize."""
+        """{0, 1} uint8 array (crop, crop): non-zero is anomalous, nearest-neighbour resize.
+        An alpha channel is not part of the mask (an opaque RGBA mask would be all anomalous)."""
+        if img.mode in ("LA", "La", "PA"):
+            img = img.getchannel(0)
+        elif img.mode in ("RGBA", "RGBa"):
+            img = img.convert("RGB")
         arr = np.asarray(img)
         if arr.ndim == 3:  # a colour-saved mask: any channel non-zero
             arr = arr.max(axis=2)
@@ -93,6 +104,34 @@ class Preprocess:
         return f"r{self.resize}c{self.crop}"
 
 
+class PixelFormatError(ValueError):
+    """An image whose pixels have no agreed 8-bit reading (32-bit integer or float)."""
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """``img`` as an 8-bit RGB image: 16-bit greyscale scaled to 8 bits, 8-bit modes as PIL
+    converts them; 32-bit integer and float pixels raise :class:`PixelFormatError`.
+
+    PIL's own ``convert("RGB")`` clips 16-bit values at 255, which saturates nearly every pixel.
+    A PNG holds no 32-bit integer pixels, so mode ``I`` from a PNG (how older PIL versions open
+    16-bit greyscale PNGs) is read as 16-bit too.
+    """
+    if img.mode in _SIXTEEN_BIT or (img.mode == "I" and img.format == "PNG"):
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise PixelFormatError(f"has pixel values outside 0..65535 (mode {img.mode})")
+        eight = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if img.mode in ("I", "F") or img.mode.startswith(("I;", "F;")):
+        kind = "floating-point" if img.mode.startswith("F") else "32-bit integer"
+        raise PixelFormatError(f"has {kind} pixels (mode {img.mode}), which have no agreed "
+                               f"8-bit reading")
+    return img.convert("RGB")
+
+
 @contextlib.contextmanager
 def _readable(path: Path, what: str):
     """Turn a missing or undecodable image file into one DataError that names it."""
@@ -100,6 +139,11 @@ def _readable(path: Path, what: str):
         yield
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist; restore it or reload the dataset") from None
+    except PixelFormatError as err:
+        raise DataError(f"{what} {path} {err}; save it with 8 or 16 bits per channel") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{what} {path} is too large to decode safely ({err}); shrink it"
+                        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(
             f"cannot read {what} {path} ({type(err).__name__}: {err}); replace or remove the file"
@@ -129,11 +173,8 @@ def _check_mask_size(sample: Sample, image_size: tuple[int, int]) -> None:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of a file's bytes (hex)."""
+    return _records_file_sha256(path)
 
 
 _SHA256_MEMO: dict[tuple[str, int, int], str] = {}
@@ -203,7 +244,8 @@ class ImageCache:
             arr = self._read_disk(disk, shape)
         if arr is None:
             img = _open(path, kind)
-            arr = preprocess.image(img) if kind == "image" else preprocess.mask(img)
+            with _readable(path, kind):
+                arr = preprocess.image(img) if kind == "image" else preprocess.mask(img)
             if disk is not None:
                 buf = io.BytesIO()
                 np.save(buf, arr, allow_pickle=False)
@@ -251,7 +293,9 @@ def load_images(
     def one(sample: Sample) -> np.ndarray:
         if cache is not None:
             return cache.get(sample.path, preprocess, "image")
-        return preprocess.image(_open(sample.path, "image"))
+        img = _open(sample.path, "image")
+        with _readable(sample.path, "image"):
+            return preprocess.image(img)
 
     arrays = _map(one, list(samples), workers)
     if not arrays:
@@ -280,7 +324,9 @@ def load_masks(
         _check_mask_size(sample, _image_size(sample.path, "image"))
         if cache is not None:
             return cache.get(sample.mask_path, preprocess, "mask")
-        return preprocess.mask(_open(sample.mask_path, "mask"))
+        img = _open(sample.mask_path, "mask")
+        with _readable(sample.mask_path, "mask"):
+            return preprocess.mask(img)
 
     arrays = _map(one, list(samples), workers)
     if not arrays:

@@ -14,6 +14,7 @@ to :mod:`datasets.images`; here only names and existence are checked, which is c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from datasets.errors import DataError
@@ -39,9 +40,14 @@ def is_image_file(path: Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
+    """Image files directly inside ``folder``, sorted by name. A link with an image name whose
+    target is gone is an error, not a file skipped in silence (the set would shrink)."""
     if not folder.is_dir():
         return []
+    for p in folder.iterdir():
+        if p.is_symlink() and not p.exists() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            raise DataError(f"{p} is a link to {os.readlink(p)}, which does not exist; restore "
+                            f"the target or remove the link")
     return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
 
 

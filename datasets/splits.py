@@ -104,6 +104,39 @@ def _check_ratio(noise_ratio: Any, where: str) -> float:
     return ratio
 
 
+class InfeasibleRatio(DataError):
+    """A noise ratio that asks for more anomalous test images than the category has.
+
+    The message says what to do; callers with their own way out (the ``splits`` command's
+    ``--cap``, ``run``'s ``--noise-ratios``) replace that part with :meth:`with_advice`.
+    """
+
+    def __init__(self, where: str, ratio: float, requested: int, available: int, n_normal: int,
+                 advice: str | None = None):
+        self.where, self.ratio, self.requested = where, ratio, requested
+        self.available, self.n_normal = available, n_normal
+        self.largest = largest_feasible_ratio(available, n_normal)
+        if not available:
+            text = (f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images but "
+                    f"the test set has none to inject; "
+                    f"{advice or 'use noise ratio 0 for this category (or add anomalous test images)'}")
+        else:
+            text = (f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images "
+                    f"(floor({ratio:g} x {n_normal} normal training images)) but only "
+                    f"{available} exist; the largest feasible ratio is {self.largest} "
+                    f"({advice or 'lower the ratio'})")
+        super().__init__(text)
+
+    def with_advice(self, advice: str) -> InfeasibleRatio:
+        """The same error, saying ``advice`` (``{largest}`` and ``{available}`` are filled in)
+        as what to do; with nothing to inject, the advice for that case is kept."""
+        if not self.available:
+            return self
+        return InfeasibleRatio(self.where, self.ratio, self.requested, self.available,
+                               self.n_normal, advice.format(largest=self.largest,
+                                                            available=self.available))
+
+
 def draw_identity(dataset: str, sample: Sample) -> str:
     """The name a sample is ranked by: layout-independent for VisA, path-in-category otherwise."""
     parts = PurePosixPath(sample.key).parts
@@ -136,20 +169,8 @@ def make_split(data: CategoryData, noise_ratio: float, seed: int, cap: bool = Fa
     requested = requested_count(ratio, n_normal)
     capped = False
     if requested > len(anomalous):
-        if not anomalous and not cap:
-            raise DataError(
-                f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images but the "
-                f"test set has none to inject; use noise ratio 0 for this category (or add "
-                f"anomalous test images)"
-            )
-        if not cap:
-            raise DataError(
-                f"{where}: noise ratio {ratio:g} asks for {requested} anomalous images "
-                f"(floor({ratio:g} x {n_normal} normal training images)) but only "
-                f"{len(anomalous)} exist; the largest feasible ratio is "
-                f"{largest_feasible_ratio(len(anomalous), n_normal)} (lower the ratio, or cap "
-                f"explicitly with --cap to inject all {len(anomalous)})"
-            )
+        if not cap or not anomalous:
+            raise InfeasibleRatio(where, ratio, requested, len(anomalous), n_normal)
         capped = True
     n_injected = min(requested, len(anomalous))
 
@@ -279,7 +300,68 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     ]
     if missing:
         raise DataError(f"split manifest {path} lacks {', '.join(missing)}; write it again")
+    check_manifest(manifest, f"split manifest {path}")
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], where: str = "split manifest") -> None:
+    """Raise a one-line DataError for a manifest field of the wrong type or a path that could
+    leave the data root (absolute, ``..``, a drive or a backslash): a manifest may come from
+    elsewhere, and :func:`verify_manifest` must never read, or report on, files outside it."""
+
+    def bad(field: str, value: Any, expected: str) -> DataError:
+        return DataError(f"{where}: {field} is {value!r}, expected {expected}; write the "
+                         f"manifest again with the splits command")
+
+    for key in ("dataset", "category"):
+        if not isinstance(manifest[key], str) or not manifest[key]:
+            raise bad(key, manifest[key], "a non-empty string")
+    if not _is_plain_name(manifest["category"]):
+        raise bad("category", manifest["category"], "a folder name (no '/', '\\' or '..')")
+    ratio = manifest["noise_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+            math.isfinite(ratio) and 0 <= ratio < 1):
+        raise bad("noise_ratio", ratio, "a number in [0, 1)")
+    if isinstance(manifest["seed"], bool) or not isinstance(manifest["seed"], int):
+        raise bad("seed", manifest["seed"], "an integer")
+    for group in _GROUPS:
+        entries = manifest[group]
+        if not isinstance(entries, list):
+            raise bad(group, type(entries).__name__, "a list of file entries")
+        for i, entry in enumerate(entries):
+            at = f"{group}[{i}]"
+            if not isinstance(entry, dict):
+                raise bad(at, entry, "an object with key, sha256, label, ...")
+            for field in ("key", "sha256"):
+                if not isinstance(entry.get(field), str) or not entry.get(field):
+                    raise bad(f"{at}.{field}", entry.get(field), "a non-empty string")
+            _check_relative(entry["key"], f"{where}: {at}.key")
+            if entry.get("label") not in (0, 1) or isinstance(entry.get("label"), bool):
+                raise bad(f"{at}.label", entry.get("label"), "0 (normal) or 1 (anomalous)")
+            for field in ("defect", "split"):
+                if field in entry and not isinstance(entry[field], str):
+                    raise bad(f"{at}.{field}", entry[field], "a string")
+            if entry.get("mask") is not None:
+                if not isinstance(entry["mask"], str):
+                    raise bad(f"{at}.mask", entry["mask"], "a path string or null")
+                _check_relative(entry["mask"], f"{where}: {at}.mask")
+                if not isinstance(entry.get("mask_sha256"), str):
+                    raise bad(f"{at}.mask_sha256", entry.get("mask_sha256"), "a sha256 string")
+            if group == "train" and not isinstance(entry.get("injected", False), bool):
+                raise bad(f"{at}.injected", entry.get("injected"), "true or false")
+
+
+def _is_plain_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\:\0")
+
+
+def _check_relative(key: str, where: str) -> None:
+    """``key`` must be a relative POSIX path that stays inside the folder it is joined to."""
+    parts = PurePosixPath(key).parts
+    if (not parts or key.startswith("/") or "\\" in key or "\0" in key or ":" in parts[0]
+            or any(p in ("..", ".") for p in parts)):
+        raise DataError(f"{where} is {key!r}: a manifest path must be relative to the data "
+                        f"root, without '..' or a drive; the manifest is refused")
 
 
 def _manifest_files(manifest: dict[str, Any]):
@@ -304,6 +386,7 @@ def verify_manifest(manifest: dict[str, Any] | str | os.PathLike, root: str | os
     if not isinstance(manifest, dict):
         where = f"split manifest {manifest}"
         manifest = read_manifest(manifest)
+    check_manifest(manifest, where)
     root = Path(root)
     count = 0
     for key, expected in _manifest_files(manifest):
@@ -324,7 +407,7 @@ def verify_manifest(manifest: dict[str, Any] | str | os.PathLike, root: str | os
 
 def load_split(path: str | os.PathLike, root: str | os.PathLike, verify: bool = True) -> Split:
     """Rebuild the :class:`Split` a manifest describes, against the data under ``root``."""
-    manifest = read_manifest(path)
+    manifest = read_manifest(path)  # checked: every path stays under ``root``
     root = Path(root)
     if verify:
         verify_manifest(manifest, root)

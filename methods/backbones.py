@@ -90,6 +90,21 @@ def random_teacher_seed(weights: str) -> int | None:
     return int(text)
 
 
+def check_weights_name(weights: str) -> str:
+    """``weights`` is ``imagenet``, ``random``, ``random:N`` or the path of an existing file, or
+    a one-line UserError says so. A run of a method that loads no teacher records its weights
+    all the same (they are part of its spec), so a name nothing could load is refused for
+    every method, before a sweep starts."""
+    if weights == "imagenet" or random_teacher_seed(weights) is not None:
+        return weights
+    if not Path(weights).expanduser().is_file():
+        raise UserError(
+            f"teacher weights {weights!r}: not imagenet, random, random:N or an existing "
+            f"state_dict file; check the path given to --teacher-weights (or the preset's "
+            f"teacher_weights)")
+    return weights
+
+
 def weights_id(backbone: str, weights: str) -> str:
     """The provenance id of a teacher, without building it.
 

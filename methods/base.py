@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import typing
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,15 @@ class Method(abc.ABC):
         a key (equal keys load the same thing) and a function that loads it or raises a
         one-line UserError; None when there is nothing to check. The driver calls it for the
         runs that will train, once per key, before any of them starts."""
+        return None
+
+    @classmethod
+    def geometry_check(cls, config: Any, image_size: int, resize_size: int) -> None:
+        """Raise a one-line UserError when this method cannot run on images cropped to
+        ``image_size`` (e.g. a network that halves the resolution five times needs multiples
+        of 32). The driver calls it for the runs that will train, before any of them starts,
+        so the sweep stops with exit 2 instead of failing each run; ``fit`` may check again.
+        The default accepts every size."""
         return None
 
     @classmethod
@@ -436,9 +446,14 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise UserError(f"bad value {value!r} for {where}: expected a number")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"bad value {value!r} for {where}: expected a number") from None
+        if not math.isfinite(number):
+            # No config field means "unbounded" by inf, and NaN compares false with every
+            # bound a config checks: both would pass silently or fail deep inside a run.
+            raise UserError(f"{where}={value} must be a finite number, not NaN or infinite")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise UserError(f"bad value {value!r} for {where}: expected a string")

@@ -17,12 +17,26 @@ def load_builtin_methods() -> None:
 
 
 def import_plugins(plugins: Iterable[str]) -> None:
-    """Import the modules that register extra methods (``--plugin``), in workers too."""
+    """Import the modules that register extra methods (``--plugin``), in workers too.
+
+    A plugin that cannot be found, or whose code raises while it is imported (any exception,
+    a ``sys.exit`` too), stops with one line naming it; the line's exception keeps the
+    plugin's own traceback as its cause, which ``--debug`` prints.
+    """
     from bench.errors import UserError
 
     for name in plugins:
         try:
             importlib.import_module(name)
-        except ImportError as err:
-            raise UserError(f"cannot import plugin module {name!r}: {err}; check PYTHONPATH"
-                            ) from None
+        except ModuleNotFoundError as err:
+            if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
+                raise UserError(f"cannot import plugin module {name!r}: no module named "
+                                f"{err.name!r}; check the name and PYTHONPATH") from err
+            raise UserError(f"plugin module {name!r} failed to import: {err}; install what it "
+                            f"needs (--debug shows its traceback)") from err
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # noqa: BLE001 - a plugin's own bug, said in one line
+            detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise UserError(f"plugin module {name!r} raised {detail} while being imported; fix "
+                            f"the module (--debug shows its traceback)") from err

@@ -170,8 +170,9 @@ def test_infeasible_ratio_is_one_line_and_writes_nothing(synthetic_root, tmp_pat
 
 
 def test_splits_on_a_fake_mvtec_tree(tmp_path, capsys):
+    # Real (tiny) images: splits decodes every file before it writes a manifest.
     root = write_fake_mvtec(
-        tmp_path / "mvtec", {"hazelnut": (391, 40, 70), "bottle": (209, 20, 63)}
+        tmp_path / "mvtec", {"hazelnut": (391, 40, 70), "bottle": (209, 20, 63)}, content=True
     )
     assert (
         main(

@@ -72,7 +72,15 @@ def run(args: argparse.Namespace) -> int:
     from bench.records import write_json_atomic
 
     floors = _floors(args.floor)
+    # Where the command will write, checked before it compares anything.
+    if args.update:
+        regress.check_writable_file(args.baseline, "baseline")
+    if args.json:
+        regress.check_writable_file(args.json, "--json file")
     results = regress.Results.load(args.results)
+    if args.update and not results.groups:  # said before any warning about the old baseline
+        raise UserError(f"no complete run in {args.results}; run the sweep before writing a "
+                        f"baseline")
     old = None
     if not args.update:
         old = regress.load_baseline(args.baseline)

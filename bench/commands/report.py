@@ -45,10 +45,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bench.errors import UserError
     from bench.report import render_report
     from methods.registry_loader import import_plugins
 
     import_plugins(args.plugins)
+    for option, value in (("--results", args.results), ("--out", args.out)):
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise UserError(f"{option} {value} is a file, not a folder; give the folder "
+                            f"{'a sweep wrote (it holds runs/)' if option == '--results' else 'to write the report to'}")
 
     from bench.uncertainty import DEFAULT_REPLICATES
 

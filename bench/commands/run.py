@@ -82,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
     import_plugins(args.plugins)
     root = Path(args.data_root or preset.data_root or default_data_root(preset.dataset))
     if preset.dataset == "synthetic" and not root.exists():
+        if args.data_root:  # a path the user typed: a typo must not grow a dataset there
+            raise UserError(f"synthetic data root {root} does not exist; write it with "
+                            f"`run_benchmark.py synth --out {root}`, or leave --data-root out "
+                            f"to use (and on first use write) "
+                            f"{preset.data_root or default_data_root(preset.dataset)}")
         print(f"writing the synthetic dataset to {root} (seed 0) ...", flush=True)
         ensure_synthetic_data(preset.dataset, root)
     specs = expand(

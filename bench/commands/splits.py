@@ -1,12 +1,23 @@
 """``run_benchmark.py splits``: write noisy-split manifests and print their summary table.
 
-Every split is computed before anything is written, so an infeasible ratio stops the command
-with nothing half-done. ``--verify MANIFEST ...`` instead re-checks manifests (for instance ones
-shared by another lab) against the data under ``--data-root``: every file's SHA-256, and that
-the split rule, re-run on this data, draws exactly the manifest's split.
+Every split is computed, and every image and mask of its categories decoded, before anything
+is written, so an infeasible ratio or an undecodable file stops the command with nothing
+half-done. ``--verify MANIFEST ...`` instead re-checks manifests (for instance ones shared by
+another lab) against the data under ``--data-root``: every path stays inside it, every file's
+SHA-256 matches, the split rule re-run on this data draws exactly the manifest's split, and
+every file decodes.
 """
 
 from __future__ import annotations
+
+import os
+
+CAP_ADVICE = "lower the ratio, or cap explicitly with --cap to inject all {available}"
+
+
+def _decode_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
 
 HELP = "write noisy-split manifests (SoftPatch rule, seeded, with file hashes) and summarise them"
 
@@ -89,7 +100,14 @@ def format_table(splits) -> str:
 
 def verify(manifests, data_root) -> int:
     """Hash-check each manifest and re-draw its split from the data; 0 when all agree, else 1."""
-    from datasets import DataError, load_category, make_split, read_manifest, verify_manifest
+    from datasets import (
+        DataError,
+        check_category,
+        load_category,
+        make_split,
+        read_manifest,
+        verify_manifest,
+    )
     from datasets.splits import manifest_dict
 
     failures = 0
@@ -106,6 +124,7 @@ def verify(manifests, data_root) -> int:
                     raise DataError(
                         f"split manifest {path}: its {group} list differs from the split this "
                         f"data gives (the data has other files, or the manifest was edited)")
+            check_category(data, [], [], workers=_decode_workers())
         except DataError as err:
             failures += 1
             print(f"FAILED {path}: {err}")
@@ -119,7 +138,15 @@ def verify(manifests, data_root) -> int:
 
 def run(args) -> int:
     from bench.errors import UserError
-    from datasets import list_categories, load_category, make_split, manifest_path, write_manifest
+    from datasets import (
+        InfeasibleRatio,
+        check_category,
+        list_categories,
+        load_category,
+        make_split,
+        manifest_path,
+        write_manifest,
+    )
 
     if args.verify:
         return verify(args.verify, args.data_root)
@@ -130,12 +157,20 @@ def run(args) -> int:
         raise UserError(f"splits needs {', '.join(absent)} to write manifests (or --verify "
                         f"MANIFEST ... to check existing ones)")
     categories = args.categories or list_categories(args.dataset, args.data_root)
-    splits = []
+    splits, loaded = [], []
     for category in dict.fromkeys(categories):  # de-duplicated, order kept
         data = load_category(args.dataset, args.data_root, category)
+        loaded.append(data)
         for ratio in dict.fromkeys(args.noise_ratios):
             for seed in dict.fromkeys(args.seeds):
-                splits.append(make_split(data, ratio, seed, cap=args.cap))
+                try:
+                    splits.append(make_split(data, ratio, seed, cap=args.cap))
+                except InfeasibleRatio as err:
+                    raise err.with_advice(CAP_ADVICE) from None
+    # Hashing a file says nothing of whether it decodes: a truncated image is found now, not
+    # by the first run that reads it (after the splits: those are the cheaper check).
+    for data in loaded:
+        check_category(data, [], [], workers=_decode_workers())
     for split in splits:
         path = manifest_path(args.out, split.dataset, split.category, split.noise_ratio, split.seed)
         write_manifest(split, path)
