@@ -576,6 +576,11 @@ class ReverseDistillation(Method):
 
     # -- Method API ------------------------------------------------------------------------
 
+    @classmethod
+    def geometry_check(cls, config: Any, image_size: int, resize_size: int) -> None:
+        """Sides must be multiples of 32 (:func:`check_image_size`), checked before a sweep."""
+        check_image_size(image_size, image_size, cls.name)
+
     def fit(self, train: TrainSet, observer: EpochObserver | None = None) -> None:
         """Train the student on ``train.images`` (uint8 (N, 3, H, W), H and W multiples of 32).
 

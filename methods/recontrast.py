@@ -482,6 +482,12 @@ class ReContrast(Method):
 
     # -- Method API ------------------------------------------------------------------------
 
+    @classmethod
+    def geometry_check(cls, config: Any, image_size: int, resize_size: int) -> None:
+        """Sides must be multiples of 32 (:func:`~methods.rd.check_image_size`), checked
+        before a sweep starts."""
+        check_image_size(image_size, image_size, cls.name)
+
     def fit(self, train: TrainSet, observer: EpochObserver | None = None) -> None:
         """Train on ``train.images`` (uint8 (N, 3, H, W), H and W multiples of 32)."""
         cfg = self.config

@@ -466,6 +466,12 @@ class URD(Method):
 
     # -- Method API ------------------------------------------------------------------------
 
+    @classmethod
+    def geometry_check(cls, config: Any, image_size: int, resize_size: int) -> None:
+        """Sides must be multiples of 32 (:func:`~methods.rd.check_image_size`), checked
+        before a sweep starts."""
+        check_image_size(image_size, image_size, cls.name)
+
     def fit(self, train: TrainSet, observer: EpochObserver | None = None) -> None:
         """Train teacher and student on ``train.images`` (uint8 (N, 3, H, W), sides multiples
         of 32), every image with a fresh synthetic anomaly each time it is drawn.

@@ -63,7 +63,7 @@ SEPARATOR = "\u01c1"  # mutmut's class/method separator in mutant names
 SKIPPED_FUNCTIONS = frozenset({
     "__post_init__", "check_image_size", "describe", "precision_name", "_note_precision",
     "_weights_id", "diagnostics", "_register_variants", "_choose_storage", "feature_bytes",
-    "_feature_copies", "student_autocast", "_autocast", "_memory_format",
+    "_feature_copies", "student_autocast", "_autocast", "_memory_format", "geometry_check",
 })
 SKIPPED_LINES = (
     r"^\s*raise \w+\(",  # a raise statement's first line ...

@@ -639,3 +639,13 @@ def test_an_unreachable_ray_cluster_is_one_line_before_anything(synthetic_root, 
         execute_sweep([make_spec(synthetic_root)], settings(
             results, executor="ray", ray_address=f"127.0.0.1:{port}"))
     assert time.time() - started < 30 and not results.exists()
+
+
+@pytest.mark.parametrize("method", ["rd", "cdd", "recontrast", "urd"])
+def test_a_crop_the_distillation_networks_cannot_take_stops_the_sweep_first(data, tmp_path,
+                                                                            method):
+    results = tmp_path / "results"
+    spec = dataclasses.replace(make_spec(data, method=method), image_size=48, resize_size=64)
+    with pytest.raises(UserError, match=f"{method}: image size 48x48 is not a multiple of 32"):
+        execute_sweep([spec], settings(results))
+    assert not results.exists()
