@@ -593,7 +593,7 @@ class ReverseDistillation(Method):
         check_image_size(h, w)
         if n == 0:
             raise UserError("rd: the training set is empty; check the category's train folder")
-        if (h // 32) * (w // 32) == 1 and (n % cfg.batch_size == 1 or n == 1):
+        if (h // 32) * (w // 32) == 1 and (cfg.batch_size == 1 or n % cfg.batch_size == 1):
             # BatchNorm in train mode cannot normalise one value per channel.
             raise UserError(
                 f"rd: {h}x{w} images with a last batch of one image cannot train BatchNorm; "

@@ -59,6 +59,7 @@ from methods.rd import (
     RDStudent,
     anomaly_maps,
     check_image_size,
+    precision_name,
     rd_loss,
     student_autocast,
 )
@@ -131,8 +132,9 @@ class ReContrastConfig:
     feature_cache: bool = True
     # where that cache lives: "auto" = the training device when it fits, else CPU.
     cache_device: Literal["auto", "device", "cpu"] = "auto"
-    # bf16 autocast for OCBE + decoder on CUDA (ignored on CPU); encoders and losses stay float32.
-    amp_bf16: bool = True
+    # Opt-in speed switch: bf16 autocast for OCBE + decoder on CUDA (ignored on CPU); encoders
+    # and losses stay float32. Off by default, as for RD: the official code trains in float32.
+    amp_bf16: bool = False
     # channels_last memory format on CUDA (ignored on CPU).
     channels_last: bool = True
 
@@ -643,6 +645,7 @@ class ReContrast(Method):
             budget=f"{cfg.epochs} epochs" if cfg.epochs is not None
             else f"{cfg.iterations} iterations",
             encoder_bn=cfg.encoder_bn,
+            precision=precision_name(self.device, cfg.amp_bf16),
         )
         return info
 

@@ -84,6 +84,7 @@ from methods.rd import (
     anomaly_maps,
     check_image_size,
     make_adam,
+    precision_name,
     rd_loss,
     student_autocast,
 )
@@ -134,9 +135,10 @@ class URDConfig:
     # Folder of texture images pasted into anomalies (searched recursively): dataset_noise.py
     # reads ./data/dtd/images/*/*.jpg (DTD). None = the harness's built-in procedural textures.
     texture_root: str | None = None
-    # Speed switches (harness; results are the same up to floating point): bf16 autocast for
-    # the student on CUDA (expert, teacher and losses stay float32) and channels_last on CUDA.
-    amp_bf16: bool = True
+    # Speed switches (harness): channels_last on CUDA (same results up to floating point) and,
+    # opt-in as for RD, bf16 autocast for the student on CUDA (expert, teacher and losses stay
+    # float32); off by default because the official code trains in float32.
+    amp_bf16: bool = False
     channels_last: bool = True
 
     def __post_init__(self):
@@ -487,7 +489,7 @@ class URD(Method):
         check_image_size(h, w, where="urd")
         if n == 0:
             raise UserError("urd: the training set is empty; check the category's train folder")
-        if (h // 32) * (w // 32) == 1 and (n % cfg.batch_size == 1 or n == 1):
+        if (h // 32) * (w // 32) == 1 and (cfg.batch_size == 1 or n % cfg.batch_size == 1):
             raise UserError(
                 f"urd: {h}x{w} images with a last batch of one image cannot train BatchNorm; "
                 f"use an image size of at least 64 or another batch_size"
@@ -631,6 +633,7 @@ class URD(Method):
             # The built-in pool is not the paper's DTD; a folder is whatever the user named.
             builtin_textures=cfg.texture_root is None,
             foreground=cfg.foreground,
+            precision=precision_name(self.device, cfg.amp_bf16),
             skip_path="guided (forward_decoder_gii)" if cfg.guided_injection
             else "plain (forward_decoder_wogii)",
             budget=(f"{cfg.epochs} epochs" if cfg.epochs is not None

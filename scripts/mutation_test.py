@@ -71,7 +71,28 @@ SKIPPED_LINES = (
 )
 
 # Surviving mutants judged equivalent: (mangled function, mutated line) -> reason.
-EQUIVALENT: dict[tuple[str, str], str] = {}
+S = SEPARATOR
+_SAME_VALUES = "the input already has this dtype/values, so the conversion changes nothing"
+_SPEED = "a speed or memory flag: same numbers"
+_CPU = "the device argument only matters on CUDA, and the value is copied to the right device"
+EQUIVALENT: dict[tuple[str, str], str] = {
+    ("x_confidence_scores", "for t, s in zip(teacher_feats, student_feats, ):"):
+        "strict= only checks that both lists have the 3 layers, which they always do",
+    ("x_cdd_diagnostics", 'in_hc = np.asarray(per_sample["in_hc"]).astype(None)'):
+        "in_hc holds 0/1 and is only averaged and compared, never used as an index mask",
+    ("x_cdd_diagnostics", 'picked = np.asarray(per_sample["picked"], dtype=None)'):
+        _SAME_VALUES,
+    (f"x{S}CrossDomainDistillation{S}_previous_global_pass",
+     "conf = torch.empty(n, dtype=torch.float32, )"): _CPU,
+    (f"x{S}CrossDomainDistillation{S}_previous_global_pass",
+     "buf[start:start + f.shape[0]].copy_(f.float(), )"): _SPEED,
+    (f"x{S}_Bottleneck{S}__init__", "self.relu = nn.ReLU(inplace=False)"): _SPEED,
+    ("x_make_adam", "foreach=None if cuda else False)"): _SPEED,
+    (f"x{S}ReverseDistillation{S}fit", "optimizer.zero_grad(set_to_none=False)"): _SPEED,
+    (f"x{S}ReverseDistillation{S}fit",
+     "if (h / 32) * (w // 32) == 1 and (n % cfg.batch_size == 1 or n == 1):"):
+        "sides are multiples of 32 (checked above), so h / 32 == h // 32",
+}
 
 # Run before the tests, in the copy only: quickest tests first (durations from mutmut's own
 # stats), tests that share a module-scoped training run last.

@@ -1032,3 +1032,18 @@ def test_previous_global_features_reuse_one_buffer(reuse):
     assert torch.equal(conf_a, conf_b) and all(torch.equal(a, b) for a, b in zip(first, second))
     assert all((a is b) == reuse for a, b in zip(first, second))
     assert m._previous_global_pass(glo, cache, keep=False)[1] is None
+
+
+def test_max_steps_caps_the_confident_stage_too():
+    cfg = {**TINY, "epochs": 3, "batch_size": 2, "k_schedule": (2,), "max_steps_per_stage": None}
+    free, capped = [], []
+    build_method("cdd", cfg, teacher_weights="random").fit(
+        _train_set(), observer=lambda e, s, p=None: free.append(s))
+    # The last epoch's confident distillation takes two or more steps; one step fewer in all
+    # must come off that stage.
+    assert free[-1]["n_hc"] >= 2 * cfg["batch_size"]
+    total = int(free[-1]["steps"])
+    build_method("cdd", {**cfg, "max_steps": total - 1}, teacher_weights="random").fit(
+        _train_set(), observer=lambda e, s, p=None: capped.append(s))
+    assert [s["steps"] for s in capped] == [s["steps"] for s in free[:-1]] + [total - 1]
+    assert capped[-1]["loss_cross"] == pytest.approx(free[-1]["loss_cross"], rel=1e-6)

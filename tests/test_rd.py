@@ -306,3 +306,27 @@ def test_bad_image_sizes_are_user_errors():
         _rd().predict(_images(1, size=40))
     with pytest.raises(UserError, match="last batch of one image"):
         _rd(batch_size=4).fit(_train_set(5, size=32))
+    with pytest.raises(UserError, match="last batch of one image"):  # every batch is one
+        _rd(batch_size=1).fit(_train_set(2, size=32))
+
+
+def test_an_empty_training_set_is_refused_and_a_single_image_trains():
+    with pytest.raises(UserError, match="training set is empty"):
+        _rd().fit(TrainSet(torch.zeros((0, 3, 64, 64), dtype=torch.uint8), ()))
+    method = _rd(max_steps=1)
+    method.fit(_train_set(1, size=64))
+    assert method.predict(_images(1)).scores.shape == (1,)
+
+
+def test_weights_check_reads_the_configs_backbone(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(build_teacher("resnet18", "random:1").state_dict(), path)
+    assert ReverseDistillation.weights_check(make_config("rd", {}), "random") is None
+    key, load = ReverseDistillation.weights_check(make_config("rd", {"backbone": "resnet18"}),
+                                                  str(path))
+    assert key[1] == "resnet18"
+    load()  # the file fits the backbone
+    _, load_wrong = ReverseDistillation.weights_check(
+        make_config("rd", {"backbone": "wide_resnet50_2"}), str(path))
+    with pytest.raises(UserError):
+        load_wrong()

@@ -387,3 +387,10 @@ def test_variants_and_the_paper_sweep():
     (spec,) = expand(preset, categories=["bottle"], methods=["recontrast-cdd"],
                      sets=["epochs=200"], check_data=False)
     assert spec.config["epochs"] == 200
+
+
+def test_float32_by_default_and_the_precision_is_recorded():
+    from methods.recontrast import ReContrastConfig
+
+    assert ReContrastConfig().amp_bf16 is False  # bf16 is an opt-in speed switch, as for RD
+    assert _method().describe()["precision"] == "float32"

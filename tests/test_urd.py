@@ -332,6 +332,8 @@ def test_bad_inputs_are_user_errors():
         _urd().fit(_train_set(4, size=48))
     with pytest.raises(UserError, match="last batch of one image"):
         _urd(batch_size=4).fit(_train_set(5, size=32))
+    with pytest.raises(UserError, match="last batch of one image"):  # every batch is one
+        _urd(batch_size=1).fit(_train_set(2, size=32))
     with pytest.raises(RuntimeError, match="needs fit"):
         _urd().predict(_train_set(1).images)
 
@@ -576,3 +578,10 @@ def test_category_overrides_hold_the_official_lists():
     for per_category in table.values():  # every entry is a valid config
         for values in per_category.values():
             make_config("urd", values)
+
+
+def test_float32_by_default_and_the_precision_is_recorded():
+    from methods.urd import URDConfig
+
+    assert URDConfig().amp_bf16 is False  # bf16 is an opt-in speed switch, as for RD
+    assert _urd().describe()["precision"] == "float32"
