@@ -89,6 +89,9 @@ EQUIVALENT: dict[tuple[str, str], str] = {
     (f"x{S}_Bottleneck{S}__init__", "self.relu = nn.ReLU(inplace=False)"): _SPEED,
     ("x_make_adam", "foreach=None if cuda else False)"): _SPEED,
     (f"x{S}ReverseDistillation{S}fit", "optimizer.zero_grad(set_to_none=False)"): _SPEED,
+    **{(f"x{S}CrossDomainDistillation{S}_adam", f"fused = self.device.type {test} or None"):
+       "fused or foreach Adam: the same update up to float rounding, a speed choice"
+       for test in ('not in ("cuda", "cpu")', 'in ("XXcudaXX", "cpu")', 'in ("CUDA", "cpu")')},
     (f"x{S}ReverseDistillation{S}fit",
      "if (h / 32) * (w // 32) == 1 and (n % cfg.batch_size == 1 or n == 1):"):
         "sides are multiples of 32 (checked above), so h / 32 == h // 32",
