@@ -84,7 +84,11 @@ class RDConfig:
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError(f"rd config max_steps={self.max_steps} must be at least 1 or None")
         if self.lr <= 0 or self.gaussian_sigma < 0:
-            raise UserError("rd config needs lr > 0 and gaussian_sigma >= 0")
+            raise UserError(f"rd config lr={self.lr}, gaussian_sigma={self.gaussian_sigma}: "
+                            f"lr must be above 0 and gaussian_sigma at least 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise UserError(f"rd config betas={self.betas!r} must be two numbers in [0, 1), "
+                            f"e.g. betas=0.5,0.999")
 
 
 # --------------------------------------------------------------------------------------------

@@ -330,3 +330,11 @@ def test_weights_check_reads_the_configs_backbone(tmp_path):
         make_config("rd", {"backbone": "wide_resnet50_2"}), str(path))
     with pytest.raises(UserError):
         load_wrong()
+
+
+@pytest.mark.parametrize("betas", [(1.5, 0.9), (0.5, -0.1), (0.5, 1.0)])
+def test_betas_outside_adams_range_are_refused_with_the_config(betas):
+    with pytest.raises(UserError, match=r"betas=.* must be two numbers in \[0, 1\)"):
+        make_config("rd", {"betas": betas})
+    with pytest.raises(UserError, match="betas"):
+        make_config("cdd", {"betas": betas})
