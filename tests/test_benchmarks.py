@@ -337,3 +337,19 @@ def test_gpu_check_cli_errors(args, message, capsys, tmp_path):
     args = [str(tmp_path / a) if a == "FILE" else a for a in args]
     assert gpu_check.main([*args, "--out", str(tmp_path)] if "--out" not in args else args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_every_registered_method_fits_and_predicts_at_the_tiny_check_size(tmp_path):
+    # What `.ci/run` runs through gpu_check.sh --tiny: each method's smoke_overrides must make
+    # it fit the tiny plan's few images.
+    from methods import available_methods, get_method_class
+
+    # The harness's own methods (this process also holds the tests' toy ones, one of which
+    # kills its process on purpose).
+    names = [n for n in available_methods()
+             if get_method_class(n).__module__.startswith("methods.")]
+    assert {"rd", "cdd", "softpatch", "recontrast", "urd", "inreach", "funad"} <= set(names)
+    section = gpu_check.Section("infer", 300.0, time.perf_counter() + 300)
+    result = gpu_check.infer_section(section, gpu_check.TINY, tmp_path, torch.device("cpu"),
+                                     names=names)
+    assert {row["method"]: row["status"] for row in result["rows"]} == dict.fromkeys(names, "ok")
