@@ -30,6 +30,7 @@ re-seeded (to 0) before each image so that a mask depends on its image only.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 import os
@@ -204,16 +205,18 @@ def foreground_masks(images: torch.Tensor, kind: Literal["grabcut", "otsu", "non
 # Texture sources
 
 
-class TextureSource:
+class TextureSource(abc.ABC):
     """Images to paste into anomalies, all delivered at one size as uint8 (k, 3, H, W)."""
 
     description: str
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """How many textures there are."""
 
+    @abc.abstractmethod
     def get(self, indices: Sequence[int]) -> torch.Tensor:
-        raise NotImplementedError
+        """Textures ``indices``, uint8 (k, 3, H, W)."""
 
 
 class FolderTextures(TextureSource):
