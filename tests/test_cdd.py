@@ -1047,3 +1047,15 @@ def test_max_steps_caps_the_confident_stage_too():
         _train_set(), observer=lambda e, s, p=None: capped.append(s))
     assert [s["steps"] for s in capped] == [s["steps"] for s in free[:-1]] + [total - 1]
     assert capped[-1]["loss_cross"] == pytest.approx(free[-1]["loss_cross"], rel=1e-6)
+
+
+def test_every_adam_takes_the_configs_lr_and_betas():
+    m = build_method("cdd", {**TINY, "lr": 0.0123, "betas": (0.4, 0.98)},
+                     teacher_weights="random")
+    group = m._adam(build_student("resnet18", seed=0)).param_groups[0]
+    assert group["lr"] == 0.0123 and tuple(group["betas"]) == (0.4, 0.98)
+
+
+def test_a_size_error_names_cdd():
+    with pytest.raises(UserError, match=r"^cdd: image size 48x48"):
+        build_method("cdd", TINY, teacher_weights="random").fit(_train_set(n=4, size=48))
