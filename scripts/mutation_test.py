@@ -28,7 +28,8 @@ seeded random sample of N mutants instead and reports the kill rate with its 95 
 interval (the sample is drawn from the sorted mutant names, so the same seed gives the same
 sample on the same code).
 
-Usage (the kill rate and the survivors go to ``--report``)::
+Needs mutmut 3 (``pip install -e ".[mutation]"``). Usage (the kill rate and the survivors go
+to ``--report``)::
 
     python scripts/mutation_test.py --workdir /tmp/cdd-mutation --sample 250 \
         --report /tmp/cdd-mutation.txt
