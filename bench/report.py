@@ -353,11 +353,17 @@ def _column_titles(grid: Grid) -> list[str]:
     return titles
 
 
+def _grid_header(grid: Grid) -> list[str]:
+    """A grid table's Markdown header and alignment rows."""
+    titles = _column_titles(grid)
+    return ["| " + " | ".join([grid.row_header, *titles]) + " |",
+            "|" + "|".join(["---"] + [":-:"] * len(titles)) + "|"]
+
+
 def grid_markdown(grid: Grid) -> str:
     """The grid as a Markdown table: bold best, ``<u>`` second, ``—`` missing, ``*`` partial."""
     marks = compute_marks(grid)
-    lines = ["| " + " | ".join([grid.row_header, *_column_titles(grid)]) + " |",
-             "|" + "|".join(["---"] + [":-:"] * len(_column_titles(grid))) + "|"]
+    lines = _grid_header(grid)
     for row in grid.rows:
         out = [f"**{row}**" if row == AVERAGE else row]
         for group, cols in grid.groups:
@@ -383,8 +389,7 @@ def grid_markdown(grid: Grid) -> str:
 def values_markdown(grid: Grid, values: dict, signed: bool, marks: dict | None = None) -> str:
     """A grid-shaped Markdown table of plain numbers (paper values or deltas); ``marks`` maps
     a cell to one suffix per metric (the Δ tables' noise marks)."""
-    lines = ["| " + " | ".join([grid.row_header, *_column_titles(grid)]) + " |",
-             "|" + "|".join(["---"] + [":-:"] * len(_column_titles(grid))) + "|"]
+    lines = _grid_header(grid)
     for row in grid.rows:
         out = [row]
         for group, cols in grid.groups:
@@ -458,8 +463,7 @@ def _seed_suffix(cell: Cell) -> str:
 
 def intervals_markdown(grid: Grid) -> str:
     """The grid's 95 % intervals in its layout, with the number of seeds where > 1."""
-    lines = ["| " + " | ".join([grid.row_header, *_column_titles(grid)]) + " |",
-             "|" + "|".join(["---"] + [":-:"] * len(_column_titles(grid))) + "|"]
+    lines = _grid_header(grid)
     for row in grid.rows:
         out = [f"**{row}**" if row == AVERAGE else row]
         for group, cols in grid.groups:
